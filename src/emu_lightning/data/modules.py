@@ -1,0 +1,120 @@
+"""LightningDataModules. Each yields interleaved samples and collates them with the model's SequenceBuilder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from emu_lightning.data.world import ShapesWorld
+from emu_lightning.sequence import SequenceBuilder
+
+
+class ShapesWorldPairs(Dataset):
+    """Image-text pairs from ShapesWorld: item ``i`` of ``split`` is always the same scene and caption.
+
+    The image comes before the caption (captioning) or after it (text-to-image), at random per item, as in
+    Emu's pretraining on image-text pairs.
+    """
+
+    def __init__(self, world: ShapesWorld, split: str, size: int, image_first_prob: float = 0.5) -> None:
+        if not 0.0 <= image_first_prob <= 1.0:
+            raise ValueError(f"image_first_prob {image_first_prob} is not a probability")
+        self.world, self.split, self.size, self.image_first_prob = world, split, size, image_first_prob
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} items")
+        scene = self.world.scene(self.split, index)
+        image = self.world.render(scene, self.world.rng(self.split, index, stream=1))
+        rng = self.world.rng(self.split, index, stream=2)
+        references = self.world.captions(scene)
+        caption = references[int(rng.integers(len(references)))]
+        items = [image, caption] if rng.random() < self.image_first_prob else [caption, image]
+        return {"items": items, "id": f"{self.split}-{index}", "index": index, "references": references}
+
+
+class EmuDataModule(L.LightningDataModule):
+    """Shared plumbing: the SequenceBuilder comes from the model being trained unless one is given."""
+
+    def __init__(self, batch_size: int, num_workers: int, sequencer: SequenceBuilder | None) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers, self.sequencer = batch_size, num_workers, sequencer
+
+    def resolve_sequencer(self) -> SequenceBuilder:
+        if self.sequencer is None:
+            model = self.trainer.lightning_module if self.trainer is not None else None
+            if model is None or getattr(model, "sequencer", None) is None:
+                raise ValueError("no SequenceBuilder: pass `sequencer=` or attach the datamodule to a Trainer "
+                                 "with an EmuModel")
+            self.sequencer = model.sequencer
+        return self.sequencer
+
+    def loader(self, dataset: Dataset, shuffle: bool, seed: int = 0) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.resolve_sequencer(),
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        )
+
+
+class ShapesWorldDataModule(EmuDataModule):
+    """ShapesWorld image-text pairs: procedurally generated, seeded, with a held-out split from other seeds.
+
+    Args:
+        image_size: rendered image side in pixels (must match the vision backbone's input size).
+        min_shapes: fewest shapes per scene.
+        max_shapes: most shapes per scene.
+        grid: scenes are a grid x grid board (2 or 3).
+        seed: the world's seed; scenes are a pure function of (seed, split, index).
+        train_size: training scenes per epoch.
+        val_size: held-out scenes (the ``val`` split, drawn from another seed stream).
+        image_first_prob: probability that the image precedes its caption.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
+        sequencer: a SequenceBuilder; by default the trained model's.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        min_shapes: int = 1,
+        max_shapes: int = 3,
+        grid: int = 2,
+        seed: int = 0,
+        train_size: int = 100_000,
+        val_size: int = 256,
+        image_first_prob: float = 0.5,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        sequencer: SequenceBuilder | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, sequencer)
+        self.world = ShapesWorld(image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, grid=grid,
+                                 seed=seed)
+        self.seed = seed
+        self.train_set = ShapesWorldPairs(self.world, "train", train_size, image_first_prob)
+        self.val_set = ShapesWorldPairs(self.world, "val", val_size, image_first_prob)
+
+    def setup(self, stage: str | None = None) -> None:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        vision = getattr(model, "vision", None)
+        if vision is not None and getattr(vision, "image_size", None) not in (None, self.world.image_size):
+            raise ValueError(f"data image_size {self.world.image_size} does not match the vision backbone's "
+                             f"image_size {vision.image_size}")
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.train_set, shuffle=True, seed=self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.val_set, shuffle=False)

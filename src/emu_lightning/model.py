@@ -1,0 +1,318 @@
+"""EmuModel: vision backbone + resampler + language model (+ visual decoder), one unified objective.
+
+The objective over an interleaved sequence (ARCHITECTURE.md): cross-entropy on the next text token, plus
+L2 regression of the next visual embedding. Regression predictions are read at ``[IMG]`` and at every
+``<image>`` position; their targets are the next position's input embedding, detached: the Q visual
+embeddings of the image, then the ``[/IMG]`` embedding (Q + 1 targets per image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
+from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder
+from emu_lightning.tokenizer import (
+    EMU_TOKENS,
+    IMAGE,
+    IMG_END,
+    IMG_START,
+    load_tokenizer,
+    tokenizer_from_state,
+    tokenizer_to_state,
+)
+
+COMPONENTS = ("vision", "resampler", "llm", "decoder")
+
+try:  # set by LightningCLI so that hparams hold the config (class_path dicts), not the built modules
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+except ImportError:  # pragma: no cover - older Lightning
+    _given_hyperparameters = None
+
+
+class EmuModel(L.LightningModule):
+    """Emu: one autoregressive model over interleaved text and images, trained with CE + L2 regression.
+
+    Args:
+        vision: the vision backbone (``class_path`` in YAML swaps it).
+        resampler: maps visual tokens to Q embeddings in the LLM's width.
+        llm: the language model with its regression head.
+        decoder: the visual decoder (diffusion UNet) that turns regressed embeddings into pixels; optional.
+        tokenizer: a local tokenizer folder; ``None`` trains the built-in ShapesWorld byte-level BPE. The
+            tokenizer is stored inside every checkpoint, so inference does not need the folder.
+        max_length: longest training sequence in tokens (longer samples are truncated between blocks).
+        ce_weight: weight of the next-token cross-entropy.
+        regression_weight: weight of the next-visual-embedding L2 loss.
+        regression_warmup_steps: ramp the regression weight linearly from 0 over these many steps, so
+            captioning grounds before regression pulls on the visual embeddings (0: full weight at once).
+        lr_multipliers: per-component learning-rate multipliers, e.g. ``{vision: 0.1}``.
+        frozen: components to freeze, e.g. ``[vision]``; frozen components also stay in eval mode.
+        optimizer: optimizer factory taking parameter groups (``class_path: torch.optim.AdamW`` ...).
+        scheduler: learning-rate scheduler factory taking the optimizer, stepped every optimizer step.
+        weight_decay_norms: also apply weight decay to biases, norms and embeddings (off by default).
+    """
+
+    def __init__(
+        self,
+        vision: VisionBackbone,
+        resampler: Resampler,
+        llm: LanguageModel,
+        decoder: VisualDecoder | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 256,
+        ce_weight: float = 1.0,
+        regression_weight: float = 1.0,
+        regression_warmup_steps: int = 0,
+        lr_multipliers: dict[str, float] | None = None,
+        frozen: list[str] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        weight_decay_norms: bool = False,
+    ) -> None:
+        super().__init__()
+        given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
+        self.save_hyperparameters(ignore=None if given is not None else [*COMPONENTS, "optimizer", "scheduler"])
+        self.vision, self.resampler, self.llm, self.decoder = vision, resampler, llm, decoder
+        self._check_widths()
+        self.lr_multipliers = _check_names(lr_multipliers or {}, "lr_multipliers")
+        self.frozen = list(_check_names({n: 0 for n in frozen or []}, "frozen"))
+        for name in self.frozen:
+            if getattr(self, name) is None:
+                raise ValueError(f"frozen names {name!r}, but this model has no {name}")
+            getattr(self, name).requires_grad_(False)
+        if ce_weight < 0 or regression_weight < 0:
+            raise ValueError(f"loss weights must be >= 0, got ce {ce_weight}, regression {regression_weight}")
+        self.ce_weight, self.regression_weight = ce_weight, regression_weight
+        self.regression_warmup_steps = regression_warmup_steps
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.weight_decay_norms = weight_decay_norms
+        self.max_length = max_length
+        self._set_tokenizer(self._load_tokenizer(tokenizer))
+
+    # ------------------------------------------------------------------ construction
+    def _check_widths(self) -> None:
+        v, r, lm = self.vision, self.resampler, self.llm
+        if r.in_dim != v.out_dim:
+            raise ValueError(f"resampler in_dim {r.in_dim} does not match the vision backbone's out_dim {v.out_dim}")
+        if r.out_dim != lm.hidden_size:
+            raise ValueError(f"resampler out_dim {r.out_dim} does not match the language model's hidden size "
+                             f"{lm.hidden_size}")
+        # One dummy pass catches token-count mismatches (MLP, pooled) before training starts.
+        param = next(r.parameters())
+        try:
+            with torch.no_grad():
+                out = r(torch.zeros(1, v.num_tokens, v.out_dim, device=param.device, dtype=param.dtype))
+        except ValueError as err:
+            raise ValueError(f"resampler {type(r).__name__} does not fit the vision backbone's {v.num_tokens} tokens "
+                             f"of width {v.out_dim}: {err}") from None
+        if tuple(out.shape[1:]) != (r.num_queries, r.out_dim):
+            raise ValueError(f"resampler returned {tuple(out.shape[1:])}, expected ({r.num_queries}, {r.out_dim})")
+
+    def _load_tokenizer(self, path: str | None) -> Any:
+        if on_meta_device() and path is not None:
+            # `inspect` builds on meta without any files: count the rows Emu's tokens would add.
+            self.llm.resize_token_embeddings(self.llm.vocab_size + len(EMU_TOKENS))
+            return None
+        return load_tokenizer(path)
+
+    def _set_tokenizer(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        if tokenizer is None:
+            self.sequencer = None
+            return
+        self.llm.resize_token_embeddings(len(tokenizer))
+        self.sequencer = SequenceBuilder(tokenizer, self.resampler.num_queries, self.max_length)
+        vocab = tokenizer.get_vocab()
+        self.img_start_id, self.img_end_id, self.image_id = vocab[IMG_START], vocab[IMG_END], vocab[IMAGE]
+
+    @property
+    def num_queries(self) -> int:
+        return self.resampler.num_queries
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {n: getattr(self, n) for n in COMPONENTS if getattr(self, n) is not None}
+
+    def train(self, mode: bool = True) -> EmuModel:
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images ``(N, 3, H, W)`` in ``[0, 1]`` to visual embeddings ``(N, Q, D)``."""
+        return self.resampler(self.vision(images))
+
+    def embed(self, input_ids: Tensor, images: Tensor | None) -> Tensor:
+        """Token embeddings with every ``<image>`` placeholder overwritten by the visual embeddings, in order."""
+        embeds = self.llm.embed(input_ids)
+        slots = input_ids == self.image_id
+        n_slots = int(slots.sum())
+        n_images = 0 if images is None else images.shape[0]
+        if n_slots != n_images * self.num_queries:
+            raise ValueError(f"batch has {n_slots} <image> slots but {n_images} images x {self.num_queries} queries")
+        if n_images:
+            visual = self.encode_images(images.to(self.device)).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual)
+        return embeds
+
+    def losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Cross-entropy, regression MSE and their weighted sum for one batch."""
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        embeds = self.embed(ids, batch.get("images"))
+        out = self.llm(embeds, mask)
+        logits, targets = out.logits[:, :-1], labels[:, 1:]
+        if (targets != IGNORE_INDEX).any():
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                 ignore_index=IGNORE_INDEX)
+        else:
+            ce = logits.sum() * 0.0
+        # Predict at [IMG] and at each <image>: the next input embedding (Q visual ones, then [/IMG]).
+        source = ((ids == self.img_start_id) | (ids == self.image_id))[:, :-1]
+        if source.any():
+            pred = self.llm.regress(out.hidden[:, :-1][source])
+            mse = F.mse_loss(pred.float(), embeds[:, 1:][source].detach().float())
+        else:
+            mse = out.hidden.sum() * 0.0
+        weight = self.current_regression_weight()
+        return {"ce": ce, "mse": mse, "loss": self.ce_weight * ce + weight * mse}
+
+    def current_regression_weight(self) -> float:
+        if self.regression_warmup_steps <= 0 or self._trainer is None:
+            return self.regression_weight
+        return self.regression_weight * min(1.0, self.global_step / self.regression_warmup_steps)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self.losses(batch)
+        n = batch["input_ids"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=n)
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["input_ids"].shape[0])
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        groups = []
+        for name, module in self.components().items():
+            mult = float(self.lr_multipliers.get(name, 1.0))
+            params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+            if not params or mult == 0.0:
+                continue
+            decay = [p for n, p in params if self.weight_decay_norms or (p.dim() >= 2 and "embed" not in n)]
+            no_decay = [p for n, p in params if not (self.weight_decay_norms or (p.dim() >= 2 and "embed" not in n))]
+            for ps, wd in ((decay, None), (no_decay, 0.0)):
+                if ps:
+                    groups.append({"params": ps, "name": f"{name}{'' if wd is None else '_no_decay'}",
+                                   "lr_mult": mult, **({} if wd is None else {"weight_decay": wd})})
+        if not groups:
+            raise ValueError("nothing to train: every component is frozen or has lr multiplier 0")
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group["lr_mult"]
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["emu_tokenizer"] = tokenizer_to_state(self.tokenizer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "emu_tokenizer" in checkpoint:
+            self._set_tokenizer(tokenizer_from_state(checkpoint["emu_tokenizer"]))
+
+    # ------------------------------------------------------------------ generation
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[Any]],
+        max_new_tokens: int = 20,
+        num_beams: int = 1,
+        min_new_tokens: int = 0,
+        length_penalty: float = 1.0,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Continue interleaved prompts (lists of text and images) with text; greedy or beam search, KV cached.
+
+        Args:
+            prompts: one list of items per sample (``str``, ``(3, H, W)`` images, videos), see ``sequence.py``.
+            max_new_tokens: most tokens generated per sample.
+            num_beams: 1 for greedy decoding, more for beam search.
+            min_new_tokens: EOS is suppressed until this many tokens were generated.
+            length_penalty: beam score exponent on length (the paper's evaluation uses -1).
+            kwargs: any other transformers generation option (``do_sample``, ``temperature``, ...).
+        """
+        if len(prompts) == 0:
+            raise ValueError("generate needs at least one prompt")
+        builder = self.sequencer.with_options(padding_side="left", add_eos=False)
+        batch = builder([list(p) for p in prompts])
+        if batch["truncated"].any():
+            raise ValueError(f"prompt longer than max_length {self.max_length} tokens")
+        with self._inference():
+            ids = batch["input_ids"].to(self.device)
+            embeds = self.embed(ids, batch["images"])
+            out = self.llm.generate(
+                embeds,
+                batch["attention_mask"].to(self.device),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                num_beams=num_beams,
+                length_penalty=length_penalty,
+                do_sample=kwargs.pop("do_sample", False),
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **kwargs,
+            )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def caption(self, images: Tensor | Sequence[Tensor], prompt: str | None = None, **kwargs: Any) -> list[str]:
+        """Captions for ``images`` (``(B, 3, H, W)`` or a list), optionally after a text ``prompt``."""
+        return self.generate([[img] + ([prompt] if prompt else []) for img in _as_list(images)], **kwargs)
+
+    def answer(
+        self,
+        images: Tensor | Sequence[Tensor],
+        questions: Sequence[str],
+        template: str = "question: {question} answer:",
+        **kwargs: Any,
+    ) -> list[str]:
+        """Answers to one question per image; ``template`` formats the text after the image."""
+        images = _as_list(images)
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+        return self.generate([[img, template.format(question=q)] for img, q in zip(images, questions)], **kwargs)
+
+
+def _as_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        return list(images.unbind(0))
+    return list(images)
+
+
+def _check_names(mapping: dict[str, Any], what: str) -> dict[str, Any]:
+    unknown = sorted(set(mapping) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"{what} names unknown component(s) {unknown}; expected some of {list(COMPONENTS)}")
+    return dict(mapping)

@@ -1,0 +1,93 @@
+"""Tokenizers: any Hugging Face tokenizer from a local folder, or the built-in ShapesWorld byte-level BPE.
+
+Emu adds ``[IMG]``, ``[/IMG]`` and ``<image>`` (and ``[USER]``, ``[ASSISTANT]`` for instruction tuning) to
+the language model's vocabulary. Whatever tokenizer is used, :func:`load_tokenizer` makes sure these and a
+pad token exist, so the rest of the library can rely on them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+IMG_START = "[IMG]"
+IMG_END = "[/IMG]"
+IMAGE = "<image>"
+USER = "[USER]"
+ASSISTANT = "[ASSISTANT]"
+EMU_TOKENS = (IMG_START, IMG_END, IMAGE, USER, ASSISTANT)
+"""The tokens Emu adds to the vocabulary, in the order they are appended."""
+
+
+def add_emu_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Add Emu's special tokens (and a pad token if missing); returns how many tokens were added."""
+    added = 0
+    if tokenizer.pad_token is None:
+        # LLaMA has no pad token; a dedicated one keeps padding out of the real vocabulary's statistics.
+        added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    missing = [t for t in EMU_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        added += tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return added
+
+
+def train_bpe(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``corpus`` (deterministic for a given corpus) and add Emu's tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 260:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE (at least 260 expected)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    add_emu_tokens(fast)
+    return fast
+
+
+def shapesworld_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """The default tokenizer: a byte-level BPE trained on the ShapesWorld corpus."""
+    from emu_lightning.data.world import ShapesWorld
+
+    return train_bpe(ShapesWorld().corpus(), vocab_size=vocab_size)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None, vocab_size: int = 512) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local folder (``None``: the built-in ShapesWorld BPE) with Emu's tokens added.
+
+    Args:
+        path: a local Hugging Face tokenizer folder (``tokenizer.json`` / ``tokenizer.model``), or ``None``.
+        vocab_size: size of the built-in BPE when ``path`` is ``None``.
+    """
+    if path is None:
+        return shapesworld_tokenizer(vocab_size)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist (a local Hugging Face tokenizer folder)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    add_emu_tokens(tokenizer)
+    return tokenizer
+
+
+def tokenizer_to_state(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+    """Serialise a tokenizer's files into a dict, to be stored inside a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def tokenizer_from_state(state: dict[str, bytes]) -> PreTrainedTokenizerBase:
+    """Inverse of :func:`tokenizer_to_state`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in state.items():
+            (Path(tmp) / name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
