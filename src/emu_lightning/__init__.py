@@ -1,0 +1,30 @@
+"""emu-lightning: Emu (Generative Pretraining in Multimodality) on PyTorch Lightning."""
+
+from emu_lightning.components import (
+    CausalTransformer,
+    HFCausalLM,
+    MLPProjector,
+    PerceiverResampler,
+    PooledProjector,
+    TimmVisionBackbone,
+)
+from emu_lightning.data import ShapesWorld, ShapesWorldDataModule
+from emu_lightning.model import EmuModel
+from emu_lightning.sequence import SequenceBuilder
+from emu_lightning.tokenizer import load_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalTransformer",
+    "EmuModel",
+    "HFCausalLM",
+    "MLPProjector",
+    "PerceiverResampler",
+    "PooledProjector",
+    "SequenceBuilder",
+    "ShapesWorld",
+    "ShapesWorldDataModule",
+    "TimmVisionBackbone",
+    "load_tokenizer",
+]

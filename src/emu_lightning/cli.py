@@ -1,14 +1,13 @@
 """The ``emu-lightning`` command: LightningCLI over EmuModel and any data module.
 
-    emu-lightning fit --config configs/tiny.yaml
-    emu-lightning fit --config configs/tiny.yaml --config configs/ablations/resampler-perceiver.yaml
-    emu-lightning validate --config configs/tiny.yaml --ckpt_path PATH
+emu-lightning fit --config configs/tiny.yaml
+emu-lightning fit --config configs/tiny.yaml --config configs/ablations/resampler-perceiver.yaml
+emu-lightning validate --config configs/tiny.yaml --ckpt_path PATH
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI

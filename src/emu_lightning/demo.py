@@ -42,17 +42,24 @@ def heldout_losses(model: EmuModel, dm: ShapesWorldDataModule, max_batches: int 
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
-def caption_accuracy(model: EmuModel, dm: ShapesWorldDataModule, num: int, batch_size: int = 64,
-                     **generate: Any) -> tuple[float, list[dict[str, Any]]]:
+def caption_accuracy(
+    model: EmuModel, dm: ShapesWorldDataModule, num: int, batch_size: int = 64, max_new_tokens: int = 40, **generate: Any
+) -> tuple[float, list[dict[str, Any]]]:
     """Share of held-out images whose greedy caption names exactly their coloured shapes, and the rows."""
     world, rows = dm.world, []
     for start in range(0, num, batch_size):
         idx = list(range(start, min(num, start + batch_size)))
         scenes = [world.scene("val", i) for i in idx]
         images = torch.stack([world.image("val", i) for i in idx])
-        for i, scene, text in zip(idx, scenes, model.caption(images, **generate)):
-            rows.append({"id": f"val-{i}", "caption": text, "reference": world.captions(scene)[0],
-                         "correct": world.caption_correct(text, scene)})
+        for i, scene, text in zip(idx, scenes, model.caption(images, max_new_tokens=max_new_tokens, **generate)):
+            rows.append(
+                {
+                    "id": f"val-{i}",
+                    "caption": text,
+                    "reference": world.captions(scene)[0],
+                    "correct": world.caption_correct(text, scene),
+                }
+            )
     return sum(r["correct"] for r in rows) / max(len(rows), 1), rows
 
 
@@ -71,8 +78,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     before = heldout_losses(model, dm)
     untrained_acc, _ = caption_accuracy(model, dm, min(args.num_eval, 64))
-    print(f"untrained: held-out cross-entropy {before['ce']:.3f} (uniform over the vocabulary would be "
-          f"{math.log(len(model.tokenizer)):.3f}), captions right {untrained_acc:.0%}", flush=True)
+    print(
+        f"untrained: held-out cross-entropy {before['ce']:.3f} (uniform over the vocabulary would be "
+        f"{math.log(len(model.tokenizer)):.3f}), captions right {untrained_acc:.0%}",
+        flush=True,
+    )
 
     start = time.perf_counter()
     trainer.fit(model, dm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -103,23 +104,27 @@ class EmuModel(L.LightningModule):
         if r.in_dim != v.out_dim:
             raise ValueError(f"resampler in_dim {r.in_dim} does not match the vision backbone's out_dim {v.out_dim}")
         if r.out_dim != lm.hidden_size:
-            raise ValueError(f"resampler out_dim {r.out_dim} does not match the language model's hidden size "
-                             f"{lm.hidden_size}")
+            raise ValueError(
+                f"resampler out_dim {r.out_dim} does not match the language model's hidden size {lm.hidden_size}"
+            )
         # One dummy pass catches token-count mismatches (MLP, pooled) before training starts.
         param = next(r.parameters())
         try:
             with torch.no_grad():
                 out = r(torch.zeros(1, v.num_tokens, v.out_dim, device=param.device, dtype=param.dtype))
         except ValueError as err:
-            raise ValueError(f"resampler {type(r).__name__} does not fit the vision backbone's {v.num_tokens} tokens "
-                             f"of width {v.out_dim}: {err}") from None
+            raise ValueError(
+                f"resampler {type(r).__name__} does not fit the vision backbone's {v.num_tokens} tokens "
+                f"of width {v.out_dim}: {err}"
+            ) from None
         if tuple(out.shape[1:]) != (r.num_queries, r.out_dim):
             raise ValueError(f"resampler returned {tuple(out.shape[1:])}, expected ({r.num_queries}, {r.out_dim})")
 
     def _load_tokenizer(self, path: str | None) -> Any:
-        if on_meta_device() and path is not None:
-            # `inspect` builds on meta without any files: count the rows Emu's tokens would add.
-            self.llm.resize_token_embeddings(self.llm.vocab_size + len(EMU_TOKENS))
+        if on_meta_device() and path is not None and not Path(path).is_dir():
+            # `inspect` builds on meta without any files: count the rows Emu's tokens would add, plus a pad
+            # token, which LLaMA's tokenizer lacks.
+            self.llm.resize_token_embeddings(self.llm.vocab_size + len(EMU_TOKENS) + 1)
             return None
         return load_tokenizer(path)
 
@@ -171,8 +176,9 @@ class EmuModel(L.LightningModule):
         out = self.llm(embeds, mask)
         logits, targets = out.logits[:, :-1], labels[:, 1:]
         if (targets != IGNORE_INDEX).any():
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                 ignore_index=IGNORE_INDEX)
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
         else:
             ce = logits.sum() * 0.0
         # Predict at [IMG] and at each <image>: the next input embedding (Q visual ones, then [/IMG]).
@@ -212,8 +218,14 @@ class EmuModel(L.LightningModule):
             no_decay = [p for n, p in params if not (self.weight_decay_norms or (p.dim() >= 2 and "embed" not in n))]
             for ps, wd in ((decay, None), (no_decay, 0.0)):
                 if ps:
-                    groups.append({"params": ps, "name": f"{name}{'' if wd is None else '_no_decay'}",
-                                   "lr_mult": mult, **({} if wd is None else {"weight_decay": wd})})
+                    groups.append(
+                        {
+                            "params": ps,
+                            "name": f"{name}{'' if wd is None else '_no_decay'}",
+                            "lr_mult": mult,
+                            **({} if wd is None else {"weight_decay": wd}),
+                        }
+                    )
         if not groups:
             raise ValueError("nothing to train: every component is frozen or has lr multiplier 0")
         optimizer = self.optimizer_factory(groups)

@@ -82,7 +82,9 @@ class SequenceBuilder:
         vocab = tokenizer.get_vocab()
         missing = [t for t in (IMG_START, IMG_END, IMAGE) if t not in vocab]
         if missing:
-            raise ValueError(f"tokenizer lacks Emu tokens {missing}; load it with emu_lightning.tokenizer.load_tokenizer")
+            raise ValueError(
+                f"tokenizer lacks Emu tokens {missing}; load it with emu_lightning.tokenizer.load_tokenizer"
+            )
         self.img_start_id, self.img_end_id, self.image_id = (vocab[t] for t in (IMG_START, IMG_END, IMAGE))
         self.pad_id = tokenizer.pad_token_id
         self.bos_id = tokenizer.bos_token_id if add_bos else None

@@ -30,7 +30,9 @@ def add_emu_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
         added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
     missing = [t for t in EMU_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
-        added += tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        added += tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
     return added
 
 
@@ -72,7 +74,9 @@ def load_tokenizer(path: str | os.PathLike | None = None, vocab_size: int = 512)
     if path is None:
         return shapesworld_tokenizer(vocab_size)
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer folder {str(path)!r} does not exist (a local Hugging Face tokenizer folder)")
+        raise FileNotFoundError(
+            f"tokenizer folder {str(path)!r} does not exist (a local Hugging Face tokenizer folder)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     add_emu_tokens(tokenizer)
     return tokenizer

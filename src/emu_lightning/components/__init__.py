@@ -1,0 +1,20 @@
+"""The four swappable component families; each is a LightningModule named from YAML by ``class_path``."""
+
+from emu_lightning.components.base import LanguageModel, LMOutput, Resampler, VisionBackbone, VisualDecoder
+from emu_lightning.components.llm import HFCausalLM
+from emu_lightning.components.resampler import CausalTransformer, MLPProjector, PerceiverResampler, PooledProjector
+from emu_lightning.components.vision import TimmVisionBackbone
+
+__all__ = [
+    "CausalTransformer",
+    "HFCausalLM",
+    "LMOutput",
+    "LanguageModel",
+    "MLPProjector",
+    "PerceiverResampler",
+    "PooledProjector",
+    "Resampler",
+    "TimmVisionBackbone",
+    "VisionBackbone",
+    "VisualDecoder",
+]

@@ -64,7 +64,9 @@ class LanguageModel(L.LightningModule):
     def embed(self, ids: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, past_key_values: Any = None) -> LMOutput:  # pragma: no cover
+    def forward(
+        self, inputs_embeds: Tensor, attention_mask: Tensor, past_key_values: Any = None
+    ) -> LMOutput:  # pragma: no cover
         raise NotImplementedError
 
     def regress(self, hidden: Tensor) -> Tensor:  # pragma: no cover - interface

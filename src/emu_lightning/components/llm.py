@@ -53,9 +53,7 @@ class HFCausalLM(LanguageModel):
             self.requires_grad_(False)
 
     @staticmethod
-    def _build(
-        config: dict[str, Any] | None, model_type: str, path: str | None, attn_implementation: str
-    ) -> nn.Module:
+    def _build(config: dict[str, Any] | None, model_type: str, path: str | None, attn_implementation: str) -> nn.Module:
         cfg: PretrainedConfig
         if path is not None and not on_meta_device() and not Path(path).is_dir():
             raise FileNotFoundError(f"pretrained_path {path!r} is not a local model folder")

@@ -50,8 +50,9 @@ class EmuDataModule(L.LightningDataModule):
         if self.sequencer is None:
             model = self.trainer.lightning_module if self.trainer is not None else None
             if model is None or getattr(model, "sequencer", None) is None:
-                raise ValueError("no SequenceBuilder: pass `sequencer=` or attach the datamodule to a Trainer "
-                                 "with an EmuModel")
+                raise ValueError(
+                    "no SequenceBuilder: pass `sequencer=` or attach the datamodule to a Trainer with an EmuModel"
+                )
             self.sequencer = model.sequencer
         return self.sequencer
 
@@ -100,8 +101,9 @@ class ShapesWorldDataModule(EmuDataModule):
         sequencer: SequenceBuilder | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, sequencer)
-        self.world = ShapesWorld(image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, grid=grid,
-                                 seed=seed)
+        self.world = ShapesWorld(
+            image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, grid=grid, seed=seed
+        )
         self.seed = seed
         self.train_set = ShapesWorldPairs(self.world, "train", train_size, image_first_prob)
         self.val_set = ShapesWorldPairs(self.world, "val", val_size, image_first_prob)
@@ -110,8 +112,10 @@ class ShapesWorldDataModule(EmuDataModule):
         model = self.trainer.lightning_module if self.trainer is not None else None
         vision = getattr(model, "vision", None)
         if vision is not None and getattr(vision, "image_size", None) not in (None, self.world.image_size):
-            raise ValueError(f"data image_size {self.world.image_size} does not match the vision backbone's "
-                             f"image_size {vision.image_size}")
+            raise ValueError(
+                f"data image_size {self.world.image_size} does not match the vision backbone's "
+                f"image_size {vision.image_size}"
+            )
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.train_set, shuffle=True, seed=self.seed)

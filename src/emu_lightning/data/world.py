@@ -131,7 +131,7 @@ class ShapesWorld:
         cell = image.size[0] / self.grid
         for i, s in enumerate(scene.shapes):
             row, col = divmod(s.cell, self.grid)
-            dx, dy = (offsets[i] if offsets is not None else (0.0, 0.0))
+            dx, dy = offsets[i] if offsets is not None else (0.0, 0.0)
             cx, cy = (col + 0.5 + dx) * cell, (row + 0.5 + dy) * cell
             r = SIZE_FRACTION[s.size] * cell / 2
             box = [cx - r, cy - r, cx + r, cy + r]

@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from emu_lightning.components.llm import HFCausalLM  # noqa: E402
+from emu_lightning.components.resampler import CausalTransformer  # noqa: E402
+from emu_lightning.components.vision import TimmVisionBackbone  # noqa: E402
+from emu_lightning.model import EmuModel  # noqa: E402
+from emu_lightning.tokenizer import load_tokenizer  # noqa: E402
+
+TINY_LLM = dict(
+    vocab_size=512,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer()
+
+
+def make_model(num_queries: int = 4, **kwargs) -> EmuModel:
+    torch.manual_seed(0)
+    vision = TimmVisionBackbone(
+        "vit_base_patch16_224", image_size=16, model_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    )
+    resampler = CausalTransformer(in_dim=32, out_dim=32, num_queries=num_queries, width=32, depth=1, num_heads=2)
+    llm = HFCausalLM(config=TINY_LLM)
+    return EmuModel(vision, resampler, llm, max_length=64, **kwargs)
+
+
+@pytest.fixture
+def tiny_model():
+    return make_model()

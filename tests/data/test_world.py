@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from emu_lightning.data.world import COLOURS, ShapesWorld
+from emu_lightning.tokenizer import EMU_TOKENS, load_tokenizer, tokenizer_from_state, tokenizer_to_state
+
+
+def test_scenes_are_a_pure_function_of_seed_split_index():
+    a, b = ShapesWorld(seed=3), ShapesWorld(seed=3)
+    assert a.scene("train", 11) == b.scene("train", 11)
+    assert torch.equal(a.image("train", 11), b.image("train", 11))
+    train = {ShapesWorld(seed=3).scene("train", i) for i in range(200)}
+    val = [ShapesWorld(seed=3).scene("val", i) for i in range(200)]
+    assert sum(s in train for s in val) < 40  # other seed streams: mostly unseen scenes
+    assert a.scene("train", 0) != ShapesWorld(seed=4).scene("train", 0) or a.scene("train", 1) != ShapesWorld(
+        seed=4
+    ).scene("train", 1)
+
+
+def test_scene_statistics_and_captions():
+    w = ShapesWorld(min_shapes=1, max_shapes=3)
+    scenes = [w.scene("train", i) for i in range(300)]
+    counts = {len(s.shapes) for s in scenes}
+    assert counts == {1, 2, 3}
+    for s in scenes[:50]:
+        cells = [x.cell for x in s.shapes]
+        assert cells == sorted(set(cells))  # distinct cells, reading order
+        caps = w.captions(s)
+        assert len(caps) == 5 and len(set(caps)) == 5
+        assert all(w.caption_correct(c, s) for c in caps)
+
+
+def test_rendered_pixels_show_the_colours():
+    w = ShapesWorld(image_size=32, jitter=0.0)
+    s = w.scene("train", 5)
+    img = w.image("train", 5)
+    assert img.shape == (3, 32, 32) and 0 <= img.min() and img.max() <= 1
+    for shape in s.shapes:
+        row, col = divmod(shape.cell, 2)
+        centre = img[:, row * 16 + 8, col * 16 + 8]
+        assert np.allclose(centre.numpy() * 255, COLOURS[shape.colour], atol=1)
+
+
+def test_mentioned_parses_colour_shape_pairs():
+    text = "a small red circle, a large red circle and two blue squares."
+    assert ShapesWorld.mentioned(text) == {("red", "circle"): 2, ("blue", "square"): 1}
+    s = ShapesWorld().scene("train", 0)
+    assert not ShapesWorld.caption_correct("nothing here", s)
+
+
+def test_bad_world_arguments():
+    with pytest.raises(ValueError, match="max_shapes"):
+        ShapesWorld(max_shapes=5, grid=2)
+    with pytest.raises(ValueError, match="grid 4"):
+        ShapesWorld(grid=4)
+    with pytest.raises(ValueError, match="split 'tset'"):
+        ShapesWorld().scene("tset", 0)
+
+
+def test_default_tokenizer_has_emu_tokens_and_round_trips():
+    tok = load_tokenizer()
+    vocab = tok.get_vocab()
+    assert all(t in vocab for t in EMU_TOKENS) and tok.pad_token_id is not None
+    caption = "a small red circle in the top left."
+    ids = tok(caption, add_special_tokens=False)["input_ids"]
+    assert len(ids) <= 10  # words are whole tokens
+    assert tok.decode(ids) == caption
+    again = tokenizer_from_state(tokenizer_to_state(tok))
+    assert again.get_vocab() == vocab and again(caption)["input_ids"] == tok(caption)["input_ids"]
+    with pytest.raises(FileNotFoundError, match="no/such/dir"):
+        load_tokenizer("no/such/dir")
