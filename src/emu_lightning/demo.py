@@ -43,7 +43,12 @@ def heldout_losses(model: EmuModel, dm: ShapesWorldDataModule, max_batches: int 
 
 
 def caption_accuracy(
-    model: EmuModel, dm: ShapesWorldDataModule, num: int, batch_size: int = 64, max_new_tokens: int = 40, **generate: Any
+    model: EmuModel,
+    dm: ShapesWorldDataModule,
+    num: int,
+    batch_size: int = 64,
+    max_new_tokens: int = 40,
+    **generate: Any,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Share of held-out images whose greedy caption names exactly their coloured shapes, and the rows."""
     world, rows = dm.world, []

@@ -46,6 +46,9 @@ class HFCausalLM(LanguageModel):
         self.model = self._build(config, model_type, pretrained_path, attn_implementation)
         self.hidden_size = int(self.model.config.hidden_size)
         self.regression_head = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
+        params = inspect.signature(self.model.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.frozen = freeze
@@ -68,9 +71,16 @@ class HFCausalLM(LanguageModel):
         if path is None or on_meta_device():
             # `inspect` counts parameters on the meta device: shapes only, no weights read.
             return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, config=cfg, local_files_only=True, output_loading_info=True, attn_implementation=attn_implementation
-        )
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path,
+                config=cfg,
+                local_files_only=True,
+                output_loading_info=True,
+                attn_implementation=attn_implementation,
+            )
+        except RuntimeError as err:  # transformers refuses mismatched shapes, pointing at a log report
+            raise RuntimeError(f"weights in {path!r} do not fit the model config (size mismatch): {err}") from err
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             details = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
@@ -107,9 +117,7 @@ class HFCausalLM(LanguageModel):
     ) -> LMOutput:
         use_cache = use_cache or past_key_values is not None
         base = self.model.base_model
-        # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
-        cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        kwargs = {cache_arg: past_key_values} if past_key_values is not None else {}
+        kwargs = {self._cache_arg: past_key_values} if past_key_values is not None else {}
         out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         logits = self.model.get_output_embeddings()(hidden)
