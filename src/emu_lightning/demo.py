@@ -100,9 +100,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accuracy, rows = caption_accuracy(model, dm, args.num_eval)
     print(f"\nheld-out captions after {trainer.global_step} steps ({train_seconds:.0f} s of training):")
     width = max(len(r["caption"]) for r in rows[: args.show])
-    print(f"{'id':<8} {'ok':<3} {'generated':<{width}}  reference")
+    print(f"{'id':<8} {'shapes':<6} {'exact':<5} {'generated':<{width}}  reference")
     for r in rows[: args.show]:
-        print(f"{r['id']:<8} {'yes' if r['correct'] else 'no':<3} {r['caption']:<{width}}  {r['reference']}")
+        ok, exact = ("yes" if r["correct"] else "no"), ("yes" if r["exact"] else "no")
+        print(f"{r['id']:<8} {ok:<6} {exact:<5} {r['caption']:<{width}}  {r['reference']}")
     results = {
         "steps": trainer.global_step,
         "train_seconds": round(train_seconds, 1),
