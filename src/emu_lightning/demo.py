@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     out_dir = Path(trainer.log_dir or trainer.default_root_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The trained weights as evaluated here, whichever way training stopped (max_steps or max_time).
+    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt")
+    print(f"checkpoint: {out_dir / 'checkpoints' / 'final.ckpt'}")
     (out_dir / "demo.json").write_text(json.dumps({**results, "samples": rows[: args.show]}, indent=2))
     print(json.dumps(results))
     return results
