@@ -9,9 +9,12 @@ same :class:`Scene` objects.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +65,20 @@ class Scene:
 
     def position(self, shape: Shape) -> str:
         return CELL_NAMES[self.grid][shape.cell]
+
+
+@dataclass(frozen=True)
+class QA:
+    """A question about a scene with its annotators' answers (VQAv2 style)."""
+
+    question: str
+    answer: str
+    """The true answer (VQAv2's ``multiple_choice_answer``)."""
+    answers: tuple[str, ...]
+    """What each annotator answered; some disagree."""
+    answer_type: str
+    """``yes/no``, ``number`` or ``other``, as in VQAv2."""
+    question_id: int
 
 
 def _join(parts: list[str]) -> str:
@@ -179,6 +196,134 @@ class ShapesWorld:
         words = list(COLOURS) + list(SHAPES) + list(SIZES) + [n for names in CELL_NAMES.values() for n in names]
         texts.append(" ".join(words + list(NUMBER_WORDS)))
         return texts
+
+    # ---------------------------------------------------------------- questions
+    def questions(self, split: str, index: int, num_answers: int = 10, disagreement: float = 0.1) -> list[QA]:
+        """VQA items about scene ``index``: each question with ``num_answers`` annotator answers.
+
+        Most annotators give the true answer; each one, with probability ``disagreement``, gives a
+        plausible wrong one (another colour, shape or count), as real annotators sometimes disagree.
+        Numbers are written as digits or words at random ("2" / "two"), which the VQA normalisation unifies.
+        """
+        scene = self.scene(split, index)
+        rng = self.rng(split, index, stream=3)
+        shapes = scene.shapes
+        kinds = Counter(s.shape for s in shapes)
+        colours = Counter(s.colour for s in shapes)
+        asked: list[tuple[str, str, str, list[str]]] = [
+            ("how many shapes are there?", str(len(shapes)), "number", [str(n) for n in range(1, 10)]),
+        ]
+        target = shapes[int(rng.integers(len(shapes)))]
+        position = scene.position(target)
+        asked.append((f"what colour is the shape in the {position}?", target.colour, "other", list(COLOURS)))
+        asked.append((f"what shape is in the {position}?", target.shape, "other", list(SHAPES)))
+        if kinds[target.shape] == 1:
+            asked.append((f"what colour is the {target.shape}?", target.colour, "other", list(COLOURS)))
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        present = any(s.colour == colour and s.shape == shape for s in shapes)
+        asked.append((f"is there a {colour} {shape}?", "yes" if present else "no", "yes/no", ["yes", "no"]))
+        asked.append(
+            (f"how many {colour} shapes are there?", str(colours[colour]), "number", [str(n) for n in range(0, 10)])
+        )
+        items = []
+        for qid, (question, truth, answer_type, options) in enumerate(asked):
+            wrong = [o for o in options if o != truth]
+            answers = []
+            for _ in range(num_answers):
+                answer = truth if rng.random() >= disagreement else wrong[int(rng.integers(len(wrong)))]
+                if answer_type == "number" and rng.random() < 0.3:
+                    answer = NUMBER_WORDS[int(answer)]
+                answers.append(answer)
+            items.append(
+                QA(
+                    question=question,
+                    answer=truth,
+                    answers=tuple(answers),
+                    answer_type=answer_type,
+                    question_id=index * 100 + qid,
+                )
+            )
+        return items
+
+    # ---------------------------------------------------------------- real on-disk formats
+    @staticmethod
+    def image_id(split: str, index: int) -> int:
+        """A COCO-style integer id, unique across splits."""
+        return SPLITS[split] * 10**6 + index
+
+    def _save_image(self, folder: Path, split: str, index: int) -> str:
+        name = f"shapes_{split}_{self.image_id(split, index):012d}.png"  # PNG: no JPEG colour shifts
+        Image.fromarray((self.image(split, index).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            folder / name
+        )
+        return name
+
+    def write_coco_karpathy(self, root: str | Path, sizes: dict[str, int] | None = None) -> dict[str, Path]:
+        """Write a captioning set in COCO's formats: Karpathy's ``dataset_coco.json`` (with ``train`` / ``val`` /
+        ``test`` splits), the COCO captions annotation file, and the images. Returns the paths."""
+        root = Path(root)
+        sizes = sizes or {"train": 500, "val": 0, "test": 100}
+        images, annotations, coco_images = [], [], []
+        sentid = 0
+        for split, n in sizes.items():
+            folder = root / "images" / split
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(n):
+                image_id = self.image_id(split, index)
+                name = self._save_image(folder, split, index)
+                sentences = []
+                for caption in self.captions(self.scene(split, index)):
+                    sentences.append(
+                        {"raw": caption, "tokens": re.findall(r"\w+", caption), "imgid": image_id, "sentid": sentid}
+                    )
+                    annotations.append({"image_id": image_id, "id": sentid, "caption": caption})
+                    sentid += 1
+                images.append(
+                    {
+                        "filepath": f"images/{split}",
+                        "filename": name,
+                        "imgid": image_id,
+                        "cocoid": image_id,
+                        "split": split,
+                        "sentences": sentences,
+                        "sentids": [x["sentid"] for x in sentences],
+                    }
+                )
+                coco_images.append({"id": image_id, "file_name": name})
+        paths = {"karpathy": root / "dataset_coco.json", "annotations": root / "captions.json", "images": root}
+        paths["karpathy"].write_text(json.dumps({"images": images, "dataset": "coco"}))
+        paths["annotations"].write_text(json.dumps({"images": coco_images, "annotations": annotations}))
+        return paths
+
+    def write_vqav2(self, root: str | Path, split: str = "val", num_images: int = 100) -> dict[str, Any]:
+        """Write a VQAv2-format set: questions and annotations json files and the images. Returns the paths
+        and the ``image_template`` that maps an ``image_id`` to its file name."""
+        root = Path(root)
+        folder = root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        questions, annotations = [], []
+        for index in range(num_images):
+            image_id = self.image_id(split, index)
+            self._save_image(folder, split, index)
+            for qa in self.questions(split, index):
+                qid = image_id * 100 + qa.question_id % 100
+                questions.append({"image_id": image_id, "question": qa.question, "question_id": qid})
+                annotations.append({
+                    "question_id": qid, "image_id": image_id, "answer_type": qa.answer_type,
+                    "question_type": " ".join(qa.question.split()[:2]), "multiple_choice_answer": qa.answer,
+                    "answers": [{"answer": a, "answer_id": i + 1, "answer_confidence": "yes"}
+                                for i, a in enumerate(qa.answers)],
+                })  # fmt: skip
+        paths: dict[str, Any] = {
+            "questions": root / f"questions_{split}.json",
+            "annotations": root / f"annotations_{split}.json",
+            "images": folder,
+            "image_template": f"shapes_{split}_{{image_id:012d}}.png",
+        }
+        paths["questions"].write_text(json.dumps({"questions": questions, "data_subtype": split}))
+        paths["annotations"].write_text(json.dumps({"annotations": annotations, "data_subtype": split}))
+        return paths
 
     @staticmethod
     def mentioned(text: str) -> Counter:
