@@ -140,13 +140,18 @@ class FewShotTask:
             raise ValueError("query keys must be unique")
         self.images = ImageCache(self.image_size)
 
+    def support_images(self) -> _SupportImages:
+        """The support set in RICES' dataset protocol (``image_id`` and ``image`` per item)."""
+        return _SupportImages(self)
+
     # ------------------------------------------------------------------ prompts
     def demonstrations(self, query_index: int, k: int, seed: int) -> list[int]:
         """Support indices for one query, least similar first (RICES) or in random order."""
         if k == 0:
             return []
         if self.selection == "rices":
-            return self.rices.find_for_images([self.images(self.queries[query_index].image_path)], k)[0].tolist()
+            image = self.images(self.queries[query_index].image_path)
+            return [] if image is None else self.rices.find_for_images(image[None], k)[0].tolist()
         rng = np.random.default_rng([seed, self.queries[query_index].key])
         return rng.choice(len(self.support), size=k, replace=False).tolist()
 
@@ -234,6 +239,22 @@ class FewShotTask:
         results["skipped_images"] = len(self.images.skipped)
         results["samples"] = samples
         return results
+
+
+class _SupportImages:
+    def __init__(self, task: FewShotTask) -> None:
+        self.task = task
+        self.image_ids = [e.image_id for e in task.support]
+
+    def __len__(self) -> int:
+        return len(self.task.support)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        example = self.task.support[i]
+        image = self.task.images(example.image_path)
+        if image is None:
+            raise ValueError(f"support image {str(example.image_path)!r} does not load")
+        return {"image_id": example.image_id, "image": image}
 
 
 def _majority(answers: Sequence[str]) -> str:

@@ -1,0 +1,285 @@
+"""Callbacks that run zero-/few-shot evaluations during training and in ``emu-lightning validate``.
+
+Each runs its task every ``every_n_steps`` training steps and/or at the end of validation, logs the mean
+per number of shots (``eval/<task>_<k>shot``, with ``_std`` over seeds), and writes a JSON and a Markdown
+table per step to ``<run dir>/eval/``, with sample predictions beside references. Under DDP each rank
+predicts a strided shard of the queries (no padding duplicates), the predictions are gathered, and every
+rank scores the same union; demonstrations depend only on (seed, query), never on the number of ranks.
+With no data files given, a ShapesWorld set in the real on-disk format is written into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from emu_lightning.data.coco import read_karpathy
+from emu_lightning.data.vqa import read_vqa
+from emu_lightning.data.world import ShapesWorld
+from emu_lightning.eval.tasks import FewShotTask, PromptTemplate, from_captions, from_vqa
+
+
+class FewShotEval(Callback):
+    """Shared schedule, sharding, logging and reports; subclasses say where the examples come from.
+
+    Args:
+        every_n_steps: also evaluate every this many training steps (``None``: only at validation).
+        on_validation: evaluate at the end of each validation run (also under ``validate``).
+        shots: numbers of demonstrations, e.g. ``[0, 4]``.
+        seeds: one run per seed; the mean and standard deviation are logged.
+        selection: ``random`` or ``rices`` demonstrations (RICES on the model's own vision backbone).
+        zero_shot_text_demos: demonstrations without images for 0-shot (the paper's zero-shot*: 2).
+        num_queries: evaluate the first N queries only (``None``: all). CIDEr's IDF depends on N.
+        demo_template: one demonstration; ``{image}`` marks the image.
+        query_template: the query.
+        prefix: text before the prompt (a system message).
+        generation: ``generate`` options (``num_beams``, ``max_new_tokens``, ``min_new_tokens``, ...).
+        batch_size: prompts per ``generate`` call.
+        strict: re-raise evaluation errors (by default they are logged and training goes on).
+    """
+
+    task_name = "task"
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        on_validation: bool = True,
+        shots: list[int] = [0, 4],  # noqa: B006 - jsonargparse shows list defaults in --help
+        seeds: list[int] = [0],  # noqa: B006
+        selection: str = "random",
+        zero_shot_text_demos: int = 0,
+        num_queries: int | None = 100,
+        demo_template: str = "{image}{caption}",
+        query_template: str = "{image}",
+        prefix: str = "",
+        generation: dict[str, Any] | None = None,
+        batch_size: int = 16,
+        strict: bool = False,
+    ) -> None:
+        self.every_n_steps, self.on_validation, self.strict = every_n_steps, on_validation, strict
+        self.task_args = dict(shots=tuple(shots), seeds=tuple(seeds), selection=selection,
+                              zero_shot_text_demos=zero_shot_text_demos, batch_size=batch_size,
+                              generation=dict(generation or {}))  # fmt: skip
+        self.template = PromptTemplate(demo_template, query_template, prefix)
+        self.num_queries = num_queries
+        self.task: FewShotTask | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ data
+    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
+        raise NotImplementedError
+
+    def world(self, trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
+        world = getattr(trainer.datamodule, "world", None) if trainer.datamodule is not None else None
+        return world if isinstance(world, ShapesWorld) else ShapesWorld(image_size=pl_module.vision.image_size)
+
+    def build(self, trainer: L.Trainer, pl_module: Any) -> FewShotTask:
+        root = _run_dir(trainer)
+        queries, support = self.examples(trainer, pl_module, root / "eval_data")
+        if self.num_queries is not None:
+            queries = queries[: self.num_queries]
+        task = FewShotTask(self.task_name, queries, support, template=self.template,
+                           image_size=pl_module.vision.image_size, rices=self.task_args["selection"] == "rices" or None,
+                           **self.task_args)  # fmt: skip
+        if task.selection == "rices":
+            from emu_lightning.eval.rices import RICES
+
+            task.rices = RICES(task.support_images(), pl_module.vision)
+        return task
+
+    # ------------------------------------------------------------------ schedule
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.on_validation and not trainer.sanity_checking:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
+        try:
+            return self._run(trainer, pl_module)
+        except Exception as err:  # an evaluation must not kill a long training run
+            if self.strict:
+                raise
+            rank_zero_warn(f"{self.task_name} evaluation failed at step {trainer.global_step}: {err!r}")
+            return None
+
+    def _run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
+        if self.task is None:
+            if trainer.is_global_zero or not _distributed():
+                self.task = self.build(trainer, pl_module)
+            trainer.strategy.barrier()
+            if self.task is None:  # other ranks read what rank 0 wrote
+                self.task = self.build(trainer, pl_module)
+        task, step = self.task, trainer.global_step
+        shard = range(trainer.global_rank, len(task.queries), trainer.world_size)
+        results: dict[str, Any] = {"task": self.task_name, "step": step, "num_queries": len(task.queries),
+                                   "selection": task.selection, "shots": {}}  # fmt: skip
+        for shots in task.shots:
+            scores = []
+            for seed in task.seeds:
+                predictions = _gather(task.predict(pl_module, shots, seed, shard))
+                scores.append(task.score(predictions))
+                rank_zero_info(f"[{self.task_name}] step {step}: {shots}-shot seed {seed}: {scores[-1]:.2f}")
+            mean = sum(scores) / len(scores)
+            std = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
+            results["shots"][shots] = {"mean": mean, "std": std, "per_seed": scores,
+                                       "num_evaluated": len(predictions)}  # fmt: skip
+            pl_module.log(f"eval/{self.task_name}_{shots}shot", mean, rank_zero_only=True)
+            pl_module.log(f"eval/{self.task_name}_{shots}shot_std", std, rank_zero_only=True)
+        by_key = {q.key: q for q in task.queries}
+        results["samples"] = [
+            {"key": k, "question": by_key[k].question, "prediction": p, "references": list(by_key[k].references[:3])}
+            for k, p in list(predictions.items())[:8]
+        ]
+        results["skipped_images"] = len(task.images.skipped)
+        self.history.append(results)
+        if trainer.is_global_zero:
+            _write_report(_run_dir(trainer) / "eval", results)
+        return results
+
+
+class CaptioningEval(FewShotEval):
+    """Zero-/few-shot captioning scored with CIDEr (x100), from COCO Karpathy files or ShapesWorld.
+
+    Args:
+        karpathy_json: Karpathy's ``dataset_coco.json``; ``None`` writes a ShapesWorld set in that format.
+        image_root: folder the Karpathy ``filepath/filename`` entries are relative to.
+        annotations_json: COCO captions annotation file for the references (optional).
+        split: evaluated split (``test``).
+        support_split: where demonstrations come from (``train``).
+        shapesworld_support: ShapesWorld training images written for demonstrations.
+        kwargs: the schedule and prompt options of :class:`FewShotEval`.
+    """
+
+    task_name = "captioning"
+
+    def __init__(
+        self,
+        karpathy_json: str | None = None,
+        image_root: str | None = None,
+        annotations_json: str | None = None,
+        split: str = "test",
+        support_split: str = "train",
+        shapesworld_support: int = 200,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("generation", {"num_beams": 5, "max_new_tokens": 20, "min_new_tokens": 8,
+                                         "length_penalty": -1.0})  # fmt: skip
+        super().__init__(**kwargs)
+        self.files = (karpathy_json, image_root, annotations_json)
+        self.split, self.support_split, self.shapesworld_support = split, support_split, shapesworld_support
+
+    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
+        karpathy, image_root, annotations = self.files
+        if karpathy is None:
+            n = self.num_queries or 100
+            if not (root / "coco" / "dataset_coco.json").exists():
+                self.world(trainer, pl_module).write_coco_karpathy(
+                    root / "coco", {"train": self.shapesworld_support, "test": n}
+                )
+            karpathy, image_root, annotations = root / "coco" / "dataset_coco.json", root / "coco", None
+        if image_root is None:
+            raise ValueError("CaptioningEval: karpathy_json is given but image_root is not")
+        queries = from_captions(read_karpathy(karpathy, image_root, self.split, annotations))
+        support = from_captions(read_karpathy(karpathy, image_root, self.support_split, annotations))
+        return queries, support
+
+
+class VQAEval(FewShotEval):
+    """Zero-/few-shot VQA scored with the official VQA accuracy (x100), from VQAv2-format files or ShapesWorld.
+
+    OK-VQA and VizWiz share the format.
+
+    Args:
+        questions_json: evaluated questions; ``None`` writes ShapesWorld sets in the VQAv2 format.
+        annotations_json: their annotations (answers).
+        image_root: folder of the evaluated images.
+        image_template: image file name from ``image_id``.
+        support_questions_json: questions that demonstrations come from (the train split).
+        support_annotations_json: their annotations.
+        support_image_root: folder of the support images.
+        support_image_template: support image file name from ``image_id``.
+        shapesworld_support: ShapesWorld training images (6 questions each) written for demonstrations.
+        kwargs: the schedule and prompt options of :class:`FewShotEval`.
+    """
+
+    task_name = "vqa"
+
+    def __init__(
+        self,
+        questions_json: str | None = None,
+        annotations_json: str | None = None,
+        image_root: str | None = None,
+        image_template: str = "COCO_val2014_{image_id:012d}.jpg",
+        support_questions_json: str | None = None,
+        support_annotations_json: str | None = None,
+        support_image_root: str | None = None,
+        support_image_template: str = "COCO_train2014_{image_id:012d}.jpg",
+        shapesworld_support: int = 50,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("demo_template", "{image}question: {question} answer: {answer}.")
+        kwargs.setdefault("query_template", "{image}question: {question} answer:")
+        kwargs.setdefault("generation", {"num_beams": 5, "max_new_tokens": 10, "length_penalty": -1.0})
+        super().__init__(**kwargs)
+        self.query_files = (questions_json, annotations_json, image_root, image_template)
+        self.support_files = (support_questions_json, support_annotations_json, support_image_root,
+                              support_image_template)  # fmt: skip
+        self.shapesworld_support = shapesworld_support
+
+    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
+        query_files, support_files = self.query_files, self.support_files
+        if query_files[0] is None:
+            world = self.world(trainer, pl_module)
+            num_images = max(1, (self.num_queries or 100) // 6 + 1)
+            val = world.write_vqav2(root / "vqa", "val", num_images)
+            train = world.write_vqav2(root / "vqa", "train", self.shapesworld_support)
+            query_files = (val["questions"], val["annotations"], val["images"], val["image_template"])
+            support_files = (train["questions"], train["annotations"], train["images"], train["image_template"])
+        if support_files[0] is None:
+            raise ValueError("VQAEval: questions_json is given but support_questions_json is not")
+        return from_vqa(read_vqa(*query_files)), from_vqa(read_vqa(*support_files))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather(predictions: dict[int, str]) -> dict[int, str]:
+    if not _distributed():
+        return predictions
+    shards: list[dict[int, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, predictions)
+    merged: dict[int, str] = {}
+    for shard in shards:
+        merged.update(shard or {})
+    return merged
+
+
+def _run_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _write_report(folder: Path, results: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{results['task']}-step{results['step']:07d}"
+    (folder / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    title = (f"# {results['task']} at step {results['step']} ({results['num_queries']} queries, "
+             f"{results['selection']} demonstrations)")  # fmt: skip
+    lines = [title, "", "| shots | mean | std | seeds |", "|---|---|---|---|"]
+    for shots, r in results["shots"].items():
+        lines.append(f"| {shots} | {r['mean']:.2f} | {r['std']:.2f} | {len(r['per_seed'])} |")
+    lines += ["", "| id | question | prediction | references |", "|---|---|---|---|"]
+    for s in results["samples"]:
+        refs = " / ".join(s["references"]).replace("|", "\\|")
+        lines.append(f"| {s['key']} | {s['question']} | {s['prediction'].replace('|', '/')} | {refs} |")
+    (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
