@@ -4,10 +4,12 @@ import json
 
 import lightning as L
 import pytest
+import torch
 from conftest import make_model
 
 from emu_lightning.data.modules import ShapesWorldDataModule
-from emu_lightning.eval.callbacks import CaptioningEval, VQAEval
+from emu_lightning.data.world import ShapesWorld
+from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
 
 
 def fit_with(tmp_path, callback, steps=2):
@@ -54,3 +56,63 @@ def test_failures_are_logged_unless_strict(tmp_path):
     strict = CaptioningEval(karpathy_json=str(tmp_path / "missing.json"), image_root=str(tmp_path), strict=True)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         fit_with(tmp_path / "strict", strict)
+
+
+class SceneRenderer(L.LightningModule):
+    """A stand-in generator for the test: draws the ShapesWorld scene a caption describes (or noise)."""
+
+    def __init__(self, noise: bool = False) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.world, self.noise = ShapesWorld(image_size=32), noise
+        self.by_caption = {self.world.captions(self.world.scene("val", i))[1]: i for i in range(64)}
+        self.calls: list[dict] = []
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def generate_image(self, items, guidance_scale=7.5, steps=50):
+        self.calls.append({"n": len(items), "guidance_scale": guidance_scale, "steps": steps})
+        if self.noise:
+            return torch.rand(len(items), 3, 32, 32, generator=torch.Generator().manual_seed(len(self.calls)))
+        return torch.stack([self.world.image("val", self.by_caption[text]) for (text,) in items])
+
+
+def fit_generator(tmp_path, model, callback):
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=2)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, callbacks=[callback], default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False, logger=False,
+                        enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, data)
+    return trainer
+
+
+def test_text_to_image_eval_scores_a_perfect_and_a_noise_generator(tmp_path):
+    good = TextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, steps=3, guidance_scale=2.0,
+                           strict=True)  # fmt: skip
+    model = SceneRenderer()
+    fit_generator(tmp_path / "good", model, good)
+    (result,) = good.history
+    assert result["fid"]["metric"] == "FID[shapes-colour-hist-v1]"  # never labelled Inception
+    assert result["fid"]["value"] < 0.01  # the generator reproduces the real images (sqrtm error only)
+    assert result["attributes"]["colour_accuracy"] == 1.0 and result["attributes"]["shape_accuracy"] == 1.0
+    assert model.calls[0] == {"n": 16, "guidance_scale": 2.0, "steps": 3}
+    assert list((tmp_path / "good").rglob("text_to_image-step0000002.png"))
+    assert list((tmp_path / "good").rglob("fid_stats/*.npz"))
+
+    bad = TextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, strict=True,
+                          stats_cache_dir=str(next((tmp_path / "good").rglob("fid_stats"))))  # fmt: skip
+    fit_generator(tmp_path / "bad", SceneRenderer(noise=True), bad)
+    (noisy,) = bad.history
+    assert noisy["fid"]["value"] > 1.0
+    assert noisy["attributes"]["colour_accuracy"] < 0.5
+
+
+def test_text_to_image_eval_skips_models_without_generate_image(tmp_path):
+    cb = TextToImageEval(every_n_steps=1, on_validation=False, strict=True)
+    with pytest.warns(UserWarning, match="no generate_image"):
+        fit_with(tmp_path, cb)
+    assert cb.history == []

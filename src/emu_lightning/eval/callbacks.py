@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -77,7 +78,9 @@ class FewShotEval(Callback):
 
     def world(self, trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
         world = getattr(trainer.datamodule, "world", None) if trainer.datamodule is not None else None
-        return world if isinstance(world, ShapesWorld) else ShapesWorld(image_size=pl_module.vision.image_size)
+        if isinstance(world, ShapesWorld):
+            return world
+        return ShapesWorld(image_size=getattr(getattr(pl_module, "vision", None), "image_size", 32))
 
     def build(self, trainer: L.Trainer, pl_module: Any) -> FewShotTask:
         root = _run_dir(trainer)
@@ -248,6 +251,150 @@ class VQAEval(FewShotEval):
         if support_files[0] is None:
             raise ValueError("VQAEval: questions_json is given but support_questions_json is not")
         return from_vqa(read_vqa(*query_files)), from_vqa(read_vqa(*support_files))
+
+
+class TextToImageEval(Callback):
+    """Text-to-image: one image per caption with the model's ``generate_image``, scored by FID and, on ShapesWorld,
+    by the pixel-based attribute accuracy (is the requested colour / shape where the caption puts it).
+
+    FID uses the offline ``shapes-colour-hist-v1`` features unless ``inception_path`` names local Inception-v3
+    FID weights; results are labelled with the extractor (``FID[<name>]``). Real statistics are computed once
+    and cached in ``stats_cache_dir``. A model without ``generate_image`` is skipped with one warning.
+
+    Args:
+        every_n_steps: also evaluate every this many training steps (``None``: only at validation).
+        on_validation: evaluate at the end of each validation run.
+        num_prompts: captions to draw (the COCO-30k protocol uses 30,000), one per image, with ``seed``.
+        seed: seed of the draw.
+        captions_json: COCO captions annotation file (``captions_val2014.json``); ``None``: ShapesWorld val scenes.
+        image_root: folder of the real images for ``captions_json``.
+        image_template: real image file name from ``image_id``.
+        real_size: side the real images are resized to (the COCO protocol: 256).
+        guidance_scale: classifier-free guidance scale passed to ``generate_image``.
+        steps: diffusion sampling steps passed to ``generate_image``.
+        batch_size: prompts per ``generate_image`` call.
+        extractor: FID feature extractor: ``default`` or ``shapes-colour-hist-v1``.
+        inception_path: local Inception-v3 FID weights for a real Inception FID.
+        stats_cache_dir: where real statistics are cached (default: ``<run dir>/eval/fid_stats``).
+        strict: re-raise evaluation errors (by default they are logged and training goes on).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        on_validation: bool = True,
+        num_prompts: int = 64,
+        seed: int = 0,
+        captions_json: str | None = None,
+        image_root: str | None = None,
+        image_template: str = "COCO_val2014_{image_id:012d}.jpg",
+        real_size: int = 256,
+        guidance_scale: float = 7.5,
+        steps: int = 50,
+        batch_size: int = 16,
+        extractor: str = "default",
+        inception_path: str | None = None,
+        stats_cache_dir: str | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.every_n_steps, self.on_validation, self.strict = every_n_steps, on_validation, strict
+        self.num_prompts, self.seed, self.batch_size = num_prompts, seed, batch_size
+        self.captions_json, self.image_root, self.image_template = captions_json, image_root, image_template
+        self.real_size, self.guidance_scale, self.steps = real_size, guidance_scale, steps
+        self.extractor, self.inception_path, self.stats_cache_dir = extractor, inception_path, stats_cache_dir
+        self.history: list[dict[str, Any]] = []
+        self._warned = False
+        self._prompts: list[tuple[Any, str]] | None = None
+        self._scenes: dict[Any, Any] = {}
+        self._fid: Any = None
+
+    on_train_batch_end = FewShotEval.on_train_batch_end
+    on_validation_epoch_end = FewShotEval.on_validation_epoch_end
+    run = FewShotEval.run
+    task_name = "text_to_image"
+
+    def _setup(self, trainer: L.Trainer, pl_module: Any) -> None:
+        from emu_lightning.data.coco import load_image
+        from emu_lightning.eval.metrics import cached_feature_stats, coco30k_prompts, make_fid
+
+        self._fid = make_fid(self.extractor, self.inception_path)
+        if self.captions_json is None:
+            world = FewShotEval.world(self, trainer, pl_module)
+            self._scenes = {i: world.scene("val", i) for i in range(self.num_prompts)}
+            # The caption that names positions: the attribute check looks for each shape in its cell.
+            self._prompts = [(i, world.captions(scene)[1]) for i, scene in self._scenes.items()]
+            real = lambda: torch.stack([world.image("val", i) for i in self._scenes])  # noqa: E731
+            source = f"shapesworld-val-seed{world.seed}-{world.image_size}px"
+        else:
+            if self.image_root is None:
+                raise ValueError("TextToImageEval: captions_json is given but image_root is not")
+            by_image: dict[int, list[str]] = {}
+            for a in json.loads(Path(self.captions_json).read_text())["annotations"]:
+                by_image.setdefault(int(a["image_id"]), []).append(a["caption"].strip())
+            self._prompts = coco30k_prompts(by_image, self.num_prompts, self.seed)
+
+            def real() -> torch.Tensor:
+                paths = [Path(self.image_root) / self.image_template.format(image_id=i) for i, _ in self._prompts]
+                images = [load_image(p, self.real_size) for p in paths]
+                return torch.stack([im for im in images if im is not None])
+
+            source = f"{Path(self.captions_json).stem}-{self.num_prompts}-seed{self.seed}-{self.real_size}px"
+        cache = Path(self.stats_cache_dir) if self.stats_cache_dir else _run_dir(trainer) / "eval" / "fid_stats"
+        name = f"{source}-{self._fid.extractor_name}".replace("/", "_")
+        self._real_stats = cached_feature_stats(cache, name, lambda: self._features(real()),
+                                                {"source": source, "extractor": self._fid.extractor_name})  # fmt: skip
+
+    @torch.no_grad()
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        # torchmetrics' own Inception takes uint8 images; custom extractors take floats in [0, 1].
+        custom = getattr(self._fid, "used_custom_model", True)
+        batches = [b if custom else (b * 255).round().to(torch.uint8) for b in images.split(64)]
+        return torch.cat([self._fid.inception(b).double() for b in batches])
+
+    def _run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
+        if not hasattr(pl_module, "generate_image"):
+            if not self._warned:
+                rank_zero_warn(f"{type(pl_module).__name__} has no generate_image: text-to-image evaluation skipped")
+                self._warned = True
+            return None
+        from emu_lightning.eval.metrics import frechet_distance_from_stats, shapes_attribute_accuracy_batch
+
+        if self._prompts is None:
+            self._setup(trainer, pl_module)
+        step = trainer.global_step
+        shard = self._prompts[trainer.global_rank :: trainer.world_size]
+        generated: dict[Any, torch.Tensor] = {}
+        for start in range(0, len(shard), self.batch_size):
+            chunk = shard[start : start + self.batch_size]
+            images = pl_module.generate_image([[caption] for _, caption in chunk], guidance_scale=self.guidance_scale,
+                                              steps=self.steps)  # fmt: skip
+            generated.update({key: img.detach().float().cpu().clamp(0, 1) for (key, _), img in zip(chunk, images)})
+        generated = _gather(generated)
+        keys = [k for k, _ in self._prompts if k in generated]
+        fake = torch.stack([generated[k] for k in keys])
+        from emu_lightning.eval.metrics import feature_stats
+
+        mu, sigma = feature_stats(self._features(fake))
+        value = frechet_distance_from_stats(mu, sigma, *self._real_stats)
+        results: dict[str, Any] = {"task": self.task_name, "step": step, "num_prompts": len(keys),
+                                   "fid": {"metric": f"FID[{self._fid.extractor_name}]", "value": value}}  # fmt: skip
+        pl_module.log("eval/t2i_fid", value, rank_zero_only=True)
+        if self._scenes:
+            acc = shapes_attribute_accuracy_batch(fake, [self._scenes[k] for k in keys])
+            results["attributes"] = {k: v for k, v in acc.items() if k != "per_image"}
+            for k in ("colour_accuracy", "shape_accuracy", "scene_accuracy"):
+                if acc[k] is not None:
+                    pl_module.log(f"eval/t2i_{k}", acc[k], rank_zero_only=True)
+        results["samples"] = [{"key": k, "prompt": dict(self._prompts)[k]} for k in keys[:8]]
+        self.history.append(results)
+        if trainer.is_global_zero:
+            from torchvision.utils import save_image
+
+            folder = _run_dir(trainer) / "eval"
+            folder.mkdir(parents=True, exist_ok=True)
+            save_image(fake[:64], folder / f"text_to_image-step{step:07d}.png", nrow=8)
+            (folder / f"text_to_image-step{step:07d}.json").write_text(json.dumps(results, indent=2, default=str))
+        return results
 
 
 def _distributed() -> bool:
