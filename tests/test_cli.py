@@ -14,7 +14,8 @@ from emu_lightning.model import EmuModel
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
 ABLATIONS = [p for p in CONFIGS if "ablations" in p.parts]
-BASES = [p for p in CONFIGS if "ablations" not in p.parts]
+OVERLAYS = [p for p in CONFIGS if "eval" in p.parts]  # stacked on a model config
+BASES = [p for p in CONFIGS if "ablations" not in p.parts and p not in OVERLAYS]
 
 
 def _parse(*configs: Path):
@@ -42,6 +43,13 @@ def test_configs_exist():
 def test_every_config_parses(config):
     cfg = _parse(config)
     assert cfg.model.resampler.class_path.startswith("emu_lightning.")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=str)
+def test_eval_overlays_parse_on_the_tiny_config(overlay):
+    cfg = _parse(Path("configs/tiny.yaml"), overlay)
+    names = [c.class_path.rsplit(".", 1)[1] for c in cfg.trainer.callbacks]
+    assert "CaptioningEval" in names and "VQAEval" in names
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=str)

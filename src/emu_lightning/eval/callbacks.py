@@ -37,15 +37,19 @@ class FewShotEval(Callback):
         selection: ``random`` or ``rices`` demonstrations (RICES on the model's own vision backbone).
         zero_shot_text_demos: demonstrations without images for 0-shot (the paper's zero-shot*: 2).
         num_queries: evaluate the first N queries only (``None``: all). CIDEr's IDF depends on N.
-        demo_template: one demonstration; ``{image}`` marks the image.
-        query_template: the query.
+        demo_template: one demonstration; ``{image}`` marks the image (default: the task's own).
+        query_template: the query (default: the task's own).
         prefix: text before the prompt (a system message).
-        generation: ``generate`` options (``num_beams``, ``max_new_tokens``, ``min_new_tokens``, ...).
+        generation: ``generate`` options (``num_beams``, ``max_new_tokens``, ``min_new_tokens``, ...); default:
+            the paper's settings for the task.
         batch_size: prompts per ``generate`` call.
         strict: re-raise evaluation errors (by default they are logged and training goes on).
     """
 
     task_name = "task"
+    default_demo = "{image}{caption}"
+    default_query = "{image}"
+    default_generation: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -56,18 +60,18 @@ class FewShotEval(Callback):
         selection: str = "random",
         zero_shot_text_demos: int = 0,
         num_queries: int | None = 100,
-        demo_template: str = "{image}{caption}",
-        query_template: str = "{image}",
+        demo_template: str | None = None,
+        query_template: str | None = None,
         prefix: str = "",
         generation: dict[str, Any] | None = None,
         batch_size: int = 16,
         strict: bool = False,
     ) -> None:
         self.every_n_steps, self.on_validation, self.strict = every_n_steps, on_validation, strict
-        self.task_args = dict(shots=tuple(shots), seeds=tuple(seeds), selection=selection,
-                              zero_shot_text_demos=zero_shot_text_demos, batch_size=batch_size,
-                              generation=dict(generation or {}))  # fmt: skip
-        self.template = PromptTemplate(demo_template, query_template, prefix)
+        generation = dict(self.default_generation if generation is None else generation)
+        self.task_args = dict(shots=tuple(shots), seeds=tuple(seeds), selection=selection, generation=generation,
+                              zero_shot_text_demos=zero_shot_text_demos, batch_size=batch_size)  # fmt: skip
+        self.template = PromptTemplate(demo_template or self.default_demo, query_template or self.default_query, prefix)
         self.num_queries = num_queries
         self.task: FewShotTask | None = None
         self.history: list[dict[str, Any]] = []
@@ -128,7 +132,8 @@ class FewShotEval(Callback):
                                    "selection": task.selection, "shots": {}}  # fmt: skip
         for shots in task.shots:
             scores = []
-            for seed in task.seeds:
+            drawn = shots > 0 or task.zero_shot_text_demos > 0
+            for seed in task.seeds if drawn else task.seeds[:1]:  # without demonstrations seeds change nothing
                 predictions = _gather(task.predict(pl_module, shots, seed, shard))
                 scores.append(task.score(predictions))
                 rank_zero_info(f"[{self.task_name}] step {step}: {shots}-shot seed {seed}: {scores[-1]:.2f}")
@@ -164,6 +169,8 @@ class CaptioningEval(FewShotEval):
     """
 
     task_name = "captioning"
+    # The paper's decoding for captions: beam 5, at most 20 new tokens, at least 8, length penalty -1.
+    default_generation = {"num_beams": 5, "max_new_tokens": 20, "min_new_tokens": 8, "length_penalty": -1.0}
 
     def __init__(
         self,
@@ -175,8 +182,6 @@ class CaptioningEval(FewShotEval):
         shapesworld_support: int = 200,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("generation", {"num_beams": 5, "max_new_tokens": 20, "min_new_tokens": 8,
-                                         "length_penalty": -1.0})  # fmt: skip
         super().__init__(**kwargs)
         self.files = (karpathy_json, image_root, annotations_json)
         self.split, self.support_split, self.shapesworld_support = split, support_split, shapesworld_support
@@ -216,6 +221,9 @@ class VQAEval(FewShotEval):
     """
 
     task_name = "vqa"
+    default_demo = "{image}question: {question} answer: {answer}."
+    default_query = "{image}question: {question} answer:"
+    default_generation = {"num_beams": 5, "max_new_tokens": 10, "length_penalty": -1.0}
 
     def __init__(
         self,
@@ -230,9 +238,6 @@ class VQAEval(FewShotEval):
         shapesworld_support: int = 50,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("demo_template", "{image}question: {question} answer: {answer}.")
-        kwargs.setdefault("query_template", "{image}question: {question} answer:")
-        kwargs.setdefault("generation", {"num_beams": 5, "max_new_tokens": 10, "length_penalty": -1.0})
         super().__init__(**kwargs)
         self.query_files = (questions_json, annotations_json, image_root, image_template)
         self.support_files = (support_questions_json, support_annotations_json, support_image_root,

@@ -220,7 +220,8 @@ class FewShotTask:
         samples: list[dict[str, Any]] = []
         for shots in self.shots:
             scores = []
-            for seed in self.seeds:
+            drawn = shots > 0 or self.zero_shot_text_demos > 0
+            for seed in self.seeds if drawn else self.seeds[:1]:  # without demonstrations seeds change nothing
                 predictions = self.predict(model, shots, seed)
                 scores.append(self.score(predictions))
                 if on_progress is not None:
