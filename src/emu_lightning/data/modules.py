@@ -13,29 +13,70 @@ from emu_lightning.sequence import SequenceBuilder
 
 
 class ShapesWorldPairs(Dataset):
-    """Image-text pairs from ShapesWorld: item ``i`` of ``split`` is always the same scene and caption.
+    """Image-text pairs (and optionally questions) from ShapesWorld; item ``i`` of ``split`` never changes.
 
-    The image comes before the caption (captioning) or after it (text-to-image), at random per item, as in
-    Emu's pretraining on image-text pairs.
+    The image comes before the caption (captioning) or after it (text-to-image), at random per pair, as in
+    Emu's pretraining on image-text pairs. With ``vqa_prob > 0`` some examples are questions about the image
+    (``question: ... answer:`` without loss, then the answer), in the format the VQA evaluation prompts with;
+    with ``max_examples > 1`` a sample chains 1 to ``max_examples`` examples, so the model also sees several
+    images in one sequence, as few-shot prompts show it.
+
+    Args:
+        world: the ShapesWorld generator.
+        split: ``train``, ``val`` or ``test``.
+        size: number of samples.
+        image_first_prob: probability that a pair's image precedes its caption.
+        vqa_prob: probability that an example is a question-answer pair instead of a caption pair.
+        max_examples: most examples chained in one sample.
     """
 
-    def __init__(self, world: ShapesWorld, split: str, size: int, image_first_prob: float = 0.5) -> None:
-        if not 0.0 <= image_first_prob <= 1.0:
-            raise ValueError(f"image_first_prob {image_first_prob} is not a probability")
+    def __init__(
+        self,
+        world: ShapesWorld,
+        split: str,
+        size: int,
+        image_first_prob: float = 0.5,
+        vqa_prob: float = 0.0,
+        max_examples: int = 1,
+    ) -> None:
+        for name, p in (("image_first_prob", image_first_prob), ("vqa_prob", vqa_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} {p} is not a probability")
+        if max_examples < 1:
+            raise ValueError(f"max_examples {max_examples} must be at least 1")
         self.world, self.split, self.size, self.image_first_prob = world, split, size, image_first_prob
+        self.vqa_prob, self.max_examples = vqa_prob, max_examples
 
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} items")
+    def _pair(self, index: int) -> tuple[list[Any], list[str]]:
         scene = self.world.scene(self.split, index)
         image = self.world.render(scene, self.world.rng(self.split, index, stream=1))
         rng = self.world.rng(self.split, index, stream=2)
         references = self.world.captions(scene)
         caption = references[int(rng.integers(len(references)))]
-        items = [image, caption] if rng.random() < self.image_first_prob else [caption, image]
+        return ([image, caption] if rng.random() < self.image_first_prob else [caption, image]), references
+
+    def _qa(self, index: int) -> tuple[list[Any], list[str]]:
+        qas = self.world.questions(self.split, index)
+        qa = qas[int(self.world.rng(self.split, index, stream=5).integers(len(qas)))]
+        prompt = {"text": f"question: {qa.question} answer:", "loss": False}
+        return [self.world.image(self.split, index), prompt, f" {qa.answer}."], list(qa.answers)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} items")
+        if self.vqa_prob == 0.0 and self.max_examples == 1:
+            items, references = self._pair(index)
+        else:
+            rng = self.world.rng(self.split, index, stream=4)
+            items, references = [], []
+            for j in range(int(rng.integers(1, self.max_examples + 1))):
+                sub = index * self.max_examples + j  # distinct scenes for the chained examples
+                example, refs = self._qa(sub) if rng.random() < self.vqa_prob else self._pair(sub)
+                items += example
+                references = references or refs
         return {"items": items, "id": f"{self.split}-{index}", "index": index, "references": references}
 
 
@@ -81,6 +122,8 @@ class ShapesWorldDataModule(EmuDataModule):
         train_size: training scenes per epoch.
         val_size: held-out scenes (the ``val`` split, drawn from another seed stream).
         image_first_prob: probability that the image precedes its caption.
+        vqa_prob: probability that an example is a ShapesWorld question with its answer.
+        max_examples: most examples chained in one sample (few-shot-like interleaving).
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         sequencer: a SequenceBuilder; by default the trained model's.
@@ -96,6 +139,8 @@ class ShapesWorldDataModule(EmuDataModule):
         train_size: int = 100_000,
         val_size: int = 256,
         image_first_prob: float = 0.5,
+        vqa_prob: float = 0.0,
+        max_examples: int = 1,
         batch_size: int = 32,
         num_workers: int = 0,
         sequencer: SequenceBuilder | None = None,
@@ -105,8 +150,9 @@ class ShapesWorldDataModule(EmuDataModule):
             image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, grid=grid, seed=seed
         )
         self.seed = seed
-        self.train_set = ShapesWorldPairs(self.world, "train", train_size, image_first_prob)
-        self.val_set = ShapesWorldPairs(self.world, "val", val_size, image_first_prob)
+        mix = dict(image_first_prob=image_first_prob, vqa_prob=vqa_prob, max_examples=max_examples)
+        self.train_set = ShapesWorldPairs(self.world, "train", train_size, **mix)
+        self.val_set = ShapesWorldPairs(self.world, "val", val_size, **mix)
 
     def setup(self, stage: str | None = None) -> None:
         model = self.trainer.lightning_module if self.trainer is not None else None

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from emu_lightning.data.modules import ShapesWorldDataModule, ShapesWorldPairs
+from emu_lightning.data.world import ShapesWorld
+from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder
+
+
+def test_pairs_are_deterministic_with_both_orders():
+    ds = ShapesWorldPairs(ShapesWorld(), "train", 200, image_first_prob=0.5)
+    firsts = [isinstance(ds[i]["items"][0], torch.Tensor) for i in range(200)]
+    assert 70 < sum(firsts) < 130
+    image = lambda sample: next(x for x in sample["items"] if isinstance(x, torch.Tensor))  # noqa: E731
+    a, b = ds[7], ds[7]
+    assert torch.equal(image(a), image(b)) and a["items"] != [] and a["references"] == b["references"]
+    assert all(len(ds[i]["items"]) == 2 for i in range(20))
+    with pytest.raises(IndexError):
+        ds[200]
+
+
+def test_questions_and_chained_examples(tokenizer):
+    world = ShapesWorld()
+    ds = ShapesWorldPairs(world, "train", 100, vqa_prob=1.0)
+    image, prompt, answer = ds[3]["items"]
+    assert prompt["text"].startswith("question: ") and prompt["loss"] is False and answer.endswith(".")
+    assert answer.strip(" .") in {qa.answer for qa in world.questions("train", 3)}
+    batch = SequenceBuilder(tokenizer, num_queries=2, max_length=128)([ds[3]])
+    trained = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
+    assert tokenizer.decode(trained, skip_special_tokens=True) == answer  # loss on the answer only
+
+    chained = ShapesWorldPairs(world, "train", 100, vqa_prob=0.3, max_examples=3)
+    counts = [sum(isinstance(x, torch.Tensor) for x in chained[i]["items"]) for i in range(100)]
+    assert set(counts) == {1, 2, 3}
+    assert chained[5]["items"][0] is not chained[5]["items"][-1]
+
+
+def test_bad_mixture_arguments():
+    with pytest.raises(ValueError, match="vqa_prob 1.5"):
+        ShapesWorldDataModule(vqa_prob=1.5)
+    with pytest.raises(ValueError, match="max_examples 0"):
+        ShapesWorldDataModule(max_examples=0)
