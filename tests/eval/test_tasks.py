@@ -82,19 +82,16 @@ def test_bad_task_arguments(sets):
         FewShotTask("captioning", sets["cap_test"], sets["cap_train"], shots=(16,))
     with pytest.raises(ValueError, match="'retrieval'"):
         FewShotTask("captioning", sets["cap_test"], sets["cap_train"], selection="retrieval")
-    with pytest.raises(ValueError, match="RICES selector"):
+    with pytest.raises(ValueError, match="RICES selector or a rices_encoder"):
         FewShotTask("captioning", sets["cap_test"], sets["cap_train"], selection="rices")
 
 
 def test_rices_selection_shows_the_most_similar_support_image_last(sets):
-    from emu_lightning.eval.rices import RICES
-
     model = make_model(max_length=256)
     # Queries taken from the support set itself: the nearest support image is the query's own image.
     support = sets["cap_train"]
     task = FewShotTask("captioning", support[:3], support, shots=(2,), image_size=16, selection="rices",
-                       rices=True)  # fmt: skip
-    task.rices = RICES(task.support_images(), model.vision)
+                       rices_encoder=model.vision)  # fmt: skip
     for i in range(3):
         demos = task.demonstrations(i, 2, seed=0)
         assert demos[-1] == i and len(demos) == 2

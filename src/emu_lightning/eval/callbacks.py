@@ -20,13 +20,53 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from emu_lightning.data.coco import read_karpathy
+from emu_lightning.data.coco import load_image, read_karpathy
 from emu_lightning.data.vqa import read_vqa
 from emu_lightning.data.world import ShapesWorld
+from emu_lightning.eval.metrics import (
+    cached_feature_stats,
+    coco30k_prompts,
+    feature_stats,
+    frechet_distance_from_stats,
+    make_fid,
+    shapes_attribute_accuracy_batch,
+)
 from emu_lightning.eval.tasks import FewShotTask, PromptTemplate, from_captions, from_vqa
 
 
-class FewShotEval(Callback):
+class ScheduledEval(Callback):
+    """Runs ``_run`` every ``every_n_steps`` training steps and/or after each validation; errors are logged
+    and training goes on unless ``strict``."""
+
+    task_name = "task"
+
+    def __init__(self, every_n_steps: int | None, on_validation: bool, strict: bool) -> None:
+        self.every_n_steps, self.on_validation, self.strict = every_n_steps, on_validation, strict
+        self.history: list[dict[str, Any]] = []
+
+    def _run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.on_validation and not trainer.sanity_checking:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
+        try:
+            return self._run(trainer, pl_module)
+        except Exception as err:  # an evaluation must not kill a long training run
+            if self.strict:
+                raise
+            rank_zero_warn(f"{self.task_name} evaluation failed at step {trainer.global_step}: {err!r}")
+            return None
+
+
+class FewShotEval(ScheduledEval):
     """Shared schedule, sharding, logging and reports; subclasses say where the examples come from.
 
     Args:
@@ -46,7 +86,6 @@ class FewShotEval(Callback):
         strict: re-raise evaluation errors (by default they are logged and training goes on).
     """
 
-    task_name = "task"
     default_demo = "{image}{caption}"
     default_query = "{image}"
     default_generation: dict[str, Any] = {}
@@ -67,57 +106,26 @@ class FewShotEval(Callback):
         batch_size: int = 16,
         strict: bool = False,
     ) -> None:
-        self.every_n_steps, self.on_validation, self.strict = every_n_steps, on_validation, strict
+        super().__init__(every_n_steps, on_validation, strict)
         generation = dict(self.default_generation if generation is None else generation)
         self.task_args = dict(shots=tuple(shots), seeds=tuple(seeds), selection=selection, generation=generation,
                               zero_shot_text_demos=zero_shot_text_demos, batch_size=batch_size)  # fmt: skip
         self.template = PromptTemplate(demo_template or self.default_demo, query_template or self.default_query, prefix)
         self.num_queries = num_queries
         self.task: FewShotTask | None = None
-        self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ data
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
         raise NotImplementedError
-
-    def world(self, trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
-        world = getattr(trainer.datamodule, "world", None) if trainer.datamodule is not None else None
-        if isinstance(world, ShapesWorld):
-            return world
-        return ShapesWorld(image_size=getattr(getattr(pl_module, "vision", None), "image_size", 32))
 
     def build(self, trainer: L.Trainer, pl_module: Any) -> FewShotTask:
         root = _run_dir(trainer)
         queries, support = self.examples(trainer, pl_module, root / "eval_data")
         if self.num_queries is not None:
             queries = queries[: self.num_queries]
-        task = FewShotTask(self.task_name, queries, support, template=self.template,
-                           image_size=pl_module.vision.image_size, rices=self.task_args["selection"] == "rices" or None,
-                           **self.task_args)  # fmt: skip
-        if task.selection == "rices":
-            from emu_lightning.eval.rices import RICES
-
-            task.rices = RICES(task.support_images(), pl_module.vision)
-        return task
-
-    # ------------------------------------------------------------------ schedule
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
-            self.run(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if self.on_validation and not trainer.sanity_checking:
-            self.run(trainer, pl_module)
-
-    def run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
-        try:
-            return self._run(trainer, pl_module)
-        except Exception as err:  # an evaluation must not kill a long training run
-            if self.strict:
-                raise
-            rank_zero_warn(f"{self.task_name} evaluation failed at step {trainer.global_step}: {err!r}")
-            return None
+        encoder = pl_module.vision if self.task_args["selection"] == "rices" else None
+        return FewShotTask(self.task_name, queries, support, template=self.template, rices_encoder=encoder,
+                           image_size=pl_module.vision.image_size, **self.task_args)  # fmt: skip
 
     def _run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
         if self.task is None:
@@ -128,27 +136,12 @@ class FewShotEval(Callback):
                 self.task = self.build(trainer, pl_module)
         task, step = self.task, trainer.global_step
         shard = range(trainer.global_rank, len(task.queries), trainer.world_size)
-        results: dict[str, Any] = {"task": self.task_name, "step": step, "num_queries": len(task.queries),
-                                   "selection": task.selection, "shots": {}}  # fmt: skip
-        for shots in task.shots:
-            scores = []
-            drawn = shots > 0 or task.zero_shot_text_demos > 0
-            for seed in task.seeds if drawn else task.seeds[:1]:  # without demonstrations seeds change nothing
-                predictions = _gather(task.predict(pl_module, shots, seed, shard))
-                scores.append(task.score(predictions))
-                rank_zero_info(f"[{self.task_name}] step {step}: {shots}-shot seed {seed}: {scores[-1]:.2f}")
-            mean = sum(scores) / len(scores)
-            std = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
-            results["shots"][shots] = {"mean": mean, "std": std, "per_seed": scores,
-                                       "num_evaluated": len(predictions)}  # fmt: skip
-            pl_module.log(f"eval/{self.task_name}_{shots}shot", mean, rank_zero_only=True)
-            pl_module.log(f"eval/{self.task_name}_{shots}shot_std", std, rank_zero_only=True)
-        by_key = {q.key: q for q in task.queries}
-        results["samples"] = [
-            {"key": k, "question": by_key[k].question, "prediction": p, "references": list(by_key[k].references[:3])}
-            for k, p in list(predictions.items())[:8]
-        ]
-        results["skipped_images"] = len(task.images.skipped)
+        progress = lambda line: rank_zero_info(f"[{self.task_name}] step {step}: {line}")  # noqa: E731
+        results = {"step": step, "num_queries": len(task.queries),
+                   **task.evaluate(pl_module, shard, gather=_gather, on_progress=progress)}  # fmt: skip
+        for shots, r in results["shots"].items():
+            pl_module.log(f"eval/{self.task_name}_{shots}shot", r["mean"], rank_zero_only=True)
+            pl_module.log(f"eval/{self.task_name}_{shots}shot_std", r["std"], rank_zero_only=True)
         self.history.append(results)
         if trainer.is_global_zero:
             _write_report(_run_dir(trainer) / "eval", results)
@@ -191,7 +184,7 @@ class CaptioningEval(FewShotEval):
         if karpathy is None:
             n = self.num_queries or 100
             if not (root / "coco" / "dataset_coco.json").exists():
-                self.world(trainer, pl_module).write_coco_karpathy(
+                _world(trainer, pl_module).write_coco_karpathy(
                     root / "coco", {"train": self.shapesworld_support, "test": n}
                 )
             karpathy, image_root, annotations = root / "coco" / "dataset_coco.json", root / "coco", None
@@ -247,7 +240,7 @@ class VQAEval(FewShotEval):
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
         query_files, support_files = self.query_files, self.support_files
         if query_files[0] is None:
-            world = self.world(trainer, pl_module)
+            world = _world(trainer, pl_module)
             num_images = max(1, (self.num_queries or 100) // 6 + 1)
             val = world.write_vqav2(root / "vqa", "val", num_images)
             train = world.write_vqav2(root / "vqa", "train", self.shapesworld_support)
@@ -258,7 +251,7 @@ class VQAEval(FewShotEval):
         return from_vqa(read_vqa(*query_files)), from_vqa(read_vqa(*support_files))
 
 
-class TextToImageEval(Callback):
+class TextToImageEval(ScheduledEval):
     """Text-to-image: one image per caption with the model's ``generate_image``, scored by FID and, on ShapesWorld,
     by the pixel-based attribute accuracy (is the requested colour / shape where the caption puts it).
 
@@ -302,29 +295,22 @@ class TextToImageEval(Callback):
         stats_cache_dir: str | None = None,
         strict: bool = False,
     ) -> None:
-        self.every_n_steps, self.on_validation, self.strict = every_n_steps, on_validation, strict
+        super().__init__(every_n_steps, on_validation, strict)
         self.num_prompts, self.seed, self.batch_size = num_prompts, seed, batch_size
         self.captions_json, self.image_root, self.image_template = captions_json, image_root, image_template
         self.real_size, self.guidance_scale, self.steps = real_size, guidance_scale, steps
         self.extractor, self.inception_path, self.stats_cache_dir = extractor, inception_path, stats_cache_dir
-        self.history: list[dict[str, Any]] = []
         self._warned = False
         self._prompts: list[tuple[Any, str]] | None = None
         self._scenes: dict[Any, Any] = {}
         self._fid: Any = None
 
-    on_train_batch_end = FewShotEval.on_train_batch_end
-    on_validation_epoch_end = FewShotEval.on_validation_epoch_end
-    run = FewShotEval.run
     task_name = "text_to_image"
 
     def _setup(self, trainer: L.Trainer, pl_module: Any) -> None:
-        from emu_lightning.data.coco import load_image
-        from emu_lightning.eval.metrics import cached_feature_stats, coco30k_prompts, make_fid
-
         self._fid = make_fid(self.extractor, self.inception_path)
         if self.captions_json is None:
-            world = FewShotEval.world(self, trainer, pl_module)
+            world = _world(trainer, pl_module)
             self._scenes = {i: world.scene("val", i) for i in range(self.num_prompts)}
             # The caption that names positions: the attribute check looks for each shape in its cell.
             self._prompts = [(i, world.captions(scene)[1]) for i, scene in self._scenes.items()]
@@ -362,8 +348,6 @@ class TextToImageEval(Callback):
                 rank_zero_warn(f"{type(pl_module).__name__} has no generate_image: text-to-image evaluation skipped")
                 self._warned = True
             return None
-        from emu_lightning.eval.metrics import frechet_distance_from_stats, shapes_attribute_accuracy_batch
-
         if self._prompts is None:
             self._setup(trainer, pl_module)
         step = trainer.global_step
@@ -377,8 +361,6 @@ class TextToImageEval(Callback):
         generated = _gather(generated)
         keys = [k for k, _ in self._prompts if k in generated]
         fake = torch.stack([generated[k] for k in keys])
-        from emu_lightning.eval.metrics import feature_stats
-
         mu, sigma = feature_stats(self._features(fake))
         value = frechet_distance_from_stats(mu, sigma, *self._real_stats)
         results: dict[str, Any] = {"task": self.task_name, "step": step, "num_prompts": len(keys),
@@ -390,7 +372,8 @@ class TextToImageEval(Callback):
             for k in ("colour_accuracy", "shape_accuracy", "scene_accuracy"):
                 if acc[k] is not None:
                     pl_module.log(f"eval/t2i_{k}", acc[k], rank_zero_only=True)
-        results["samples"] = [{"key": k, "prompt": dict(self._prompts)[k]} for k in keys[:8]]
+        prompts = dict(self._prompts)
+        results["samples"] = [{"key": k, "prompt": prompts[k]} for k in keys[:8]]
         self.history.append(results)
         if trainer.is_global_zero:
             from torchvision.utils import save_image
@@ -400,6 +383,14 @@ class TextToImageEval(Callback):
             save_image(fake[:64], folder / f"text_to_image-step{step:07d}.png", nrow=8)
             (folder / f"text_to_image-step{step:07d}.json").write_text(json.dumps(results, indent=2, default=str))
         return results
+
+
+def _world(trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
+    """The training data's ShapesWorld, or one at the model's image size."""
+    world = getattr(trainer.datamodule, "world", None) if trainer.datamodule is not None else None
+    if isinstance(world, ShapesWorld):
+        return world
+    return ShapesWorld(image_size=getattr(getattr(pl_module, "vision", None), "image_size", 32))
 
 
 def _distributed() -> bool:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from emu_lightning.data.coco import CaptionExample, load_image
 from emu_lightning.data.vqa import VQAExample
+from emu_lightning.eval.metrics import cider, postprocess_vqa_answer, vqa_accuracy
 
 _IMAGE = "\x00"
 
@@ -123,15 +124,17 @@ class FewShotTask:
     batch_size: int = 16
     generation: dict[str, Any] = field(default_factory=dict)
     rices: Any = None
-    """A fitted :class:`~emu_lightning.eval.rices.RICES` over ``support`` (needed for ``selection="rices"``)."""
+    """A fitted :class:`~emu_lightning.eval.rices.RICES` over ``support``; built from ``rices_encoder`` if unset."""
+    rices_encoder: Any = None
+    """Image encoder for RICES (e.g. ``model.vision``), used when ``selection="rices"`` and no ``rices`` is given."""
 
     def __post_init__(self) -> None:
         if self.name not in ("captioning", "vqa"):
             raise ValueError(f"task name {self.name!r} must be 'captioning' or 'vqa'")
         if self.selection not in ("random", "rices"):
             raise ValueError(f"selection {self.selection!r} must be 'random' or 'rices'")
-        if self.selection == "rices" and self.rices is None:
-            raise ValueError("selection='rices' needs a RICES selector over the support set")
+        if self.selection == "rices" and self.rices is None and self.rices_encoder is None:
+            raise ValueError("selection='rices' needs a RICES selector or a rices_encoder")
         most = max([*self.shots, self.zero_shot_text_demos])
         if most > len(self.support):
             raise ValueError(f"{most} demonstrations asked for, but the support set has {len(self.support)}")
@@ -139,6 +142,10 @@ class FewShotTask:
         if len(set(keys)) != len(keys):
             raise ValueError("query keys must be unique")
         self.images = ImageCache(self.image_size)
+        if self.selection == "rices" and self.rices is None:
+            from emu_lightning.eval.rices import RICES
+
+            self.rices = RICES(self.support_images(), self.rices_encoder)
 
     def support_images(self) -> _SupportImages:
         """The support set in RICES' dataset protocol (``image_id`` and ``image`` per item)."""
@@ -194,8 +201,6 @@ class FewShotTask:
     def postprocess(self, text: str) -> str:
         if self.name == "captioning":
             return caption_postprocess(text)
-        from emu_lightning.eval.metrics import postprocess_vqa_answer
-
         return postprocess_vqa_answer(text)
 
     def score(self, predictions: dict[int, str]) -> float:
@@ -207,38 +212,48 @@ class FewShotTask:
         if not predictions:
             raise ValueError("nothing to score: every query was skipped")
         if self.name == "captioning":
-            from emu_lightning.eval.metrics import cider
-
             return cider(predictions, refs)
-        from emu_lightning.eval.metrics import vqa_accuracy
-
         return 100.0 * sum(vqa_accuracy(predictions[k], refs[k]) for k in predictions) / len(predictions)
 
-    def evaluate(self, model: Any, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Run every (shots, seed) pair in this process; returns mean and std per number of shots."""
+    def evaluate(
+        self,
+        model: Any,
+        indices: Sequence[int] | None = None,
+        gather: Callable[[dict[int, str]], dict[int, str]] | None = None,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run every (shots, seed) pair; returns the mean and std per number of shots.
+
+        Args:
+            model: anything with ``generate`` (an :class:`~emu_lightning.model.EmuModel`).
+            indices: the queries this process predicts (default: all); under DDP, a rank's shard.
+            gather: merges the predictions of every process before scoring (default: none to merge).
+            on_progress: called with a line per (shots, seed).
+        """
         results: dict[str, Any] = {"task": self.name, "selection": self.selection, "shots": {}}
-        samples: list[dict[str, Any]] = []
+        predictions: dict[int, str] = {}
         for shots in self.shots:
             scores = []
             drawn = shots > 0 or self.zero_shot_text_demos > 0
             for seed in self.seeds if drawn else self.seeds[:1]:  # without demonstrations seeds change nothing
-                predictions = self.predict(model, shots, seed)
+                predictions = self.predict(model, shots, seed, indices)
+                if gather is not None:
+                    predictions = gather(predictions)
                 scores.append(self.score(predictions))
                 if on_progress is not None:
                     on_progress(f"{self.name} {shots}-shot seed {seed}: {scores[-1]:.2f}")
-                if not samples:
-                    by_key = {q.key: q for q in self.queries}
-                    samples = [{"key": k, "prediction": p, "references": list(by_key[k].references[:3]),
-                                **({"question": by_key[k].question} if by_key[k].question else {})}
-                               for k, p in list(predictions.items())[:8]]  # fmt: skip
             results["shots"][shots] = {
                 "mean": statistics.fmean(scores),
-                "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0,
+                "std": statistics.pstdev(scores),
                 "per_seed": scores,
                 "num_evaluated": len(predictions),
             }
+        by_key = {q.key: q for q in self.queries}
+        results["samples"] = [
+            {"key": k, "question": by_key[k].question, "prediction": p, "references": list(by_key[k].references[:3])}
+            for k, p in list(predictions.items())[:8]
+        ]
         results["skipped_images"] = len(self.images.skipped)
-        results["samples"] = samples
         return results
 
 
