@@ -55,7 +55,7 @@ def caption_accuracy(
     for start in range(0, num, batch_size):
         idx = list(range(start, min(num, start + batch_size)))
         scenes = [world.scene("val", i) for i in idx]
-        images = torch.stack([world.image("val", i) for i in idx])
+        images = torch.stack([world.render(s, world.rng("val", i, stream=1)) for i, s in zip(idx, scenes)])
         for i, scene, text in zip(idx, scenes, model.caption(images, max_new_tokens=max_new_tokens, **generate)):
             refs = world.captions(scene)
             rows.append(

@@ -214,18 +214,15 @@ class EmuModel(L.LightningModule):
             params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
             if not params or mult == 0.0:
                 continue
-            decay = [p for n, p in params if self.weight_decay_norms or (p.dim() >= 2 and "embed" not in n)]
-            no_decay = [p for n, p in params if not (self.weight_decay_norms or (p.dim() >= 2 and "embed" not in n))]
-            for ps, wd in ((decay, None), (no_decay, 0.0)):
-                if ps:
-                    groups.append(
-                        {
-                            "params": ps,
-                            "name": f"{name}{'' if wd is None else '_no_decay'}",
-                            "lr_mult": mult,
-                            **({} if wd is None else {"weight_decay": wd}),
-                        }
-                    )
+            decays = {True: [], False: []}
+            for n, p in params:  # biases, norms and embeddings are not decayed unless asked
+                decays[self.weight_decay_norms or (p.dim() >= 2 and "embed" not in n)].append(p)
+            if decays[True]:
+                groups.append({"params": decays[True], "name": name, "lr_mult": mult})
+            if decays[False]:
+                groups.append(
+                    {"params": decays[False], "name": f"{name}_no_decay", "lr_mult": mult, "weight_decay": 0.0}
+                )
         if not groups:
             raise ValueError("nothing to train: every component is frozen or has lr multiplier 0")
         optimizer = self.optimizer_factory(groups)

@@ -7,6 +7,8 @@ pad token exist, so the rest of the library can rely on them.
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -58,7 +60,13 @@ def train_bpe(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFa
 
 
 def shapesworld_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """The default tokenizer: a byte-level BPE trained on the ShapesWorld corpus."""
+    """The default tokenizer: a byte-level BPE trained on the ShapesWorld corpus (a fresh copy per call)."""
+    return copy.deepcopy(_trained_shapesworld_tokenizer(vocab_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _trained_shapesworld_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    # Deterministic, so one training per process serves every model built in it.
     from emu_lightning.data.world import ShapesWorld
 
     return train_bpe(ShapesWorld().corpus(), vocab_size=vocab_size)

@@ -241,7 +241,7 @@ class ShapesWorld:
                     answer=truth,
                     answers=tuple(answers),
                     answer_type=answer_type,
-                    question_id=index * 100 + qid,
+                    question_id=self.image_id(split, index) * 100 + qid,
                 )
             )
         return items
@@ -307,10 +307,9 @@ class ShapesWorld:
             image_id = self.image_id(split, index)
             self._save_image(folder, split, index)
             for qa in self.questions(split, index):
-                qid = image_id * 100 + qa.question_id % 100
-                questions.append({"image_id": image_id, "question": qa.question, "question_id": qid})
+                questions.append({"image_id": image_id, "question": qa.question, "question_id": qa.question_id})
                 annotations.append({
-                    "question_id": qid, "image_id": image_id, "answer_type": qa.answer_type,
+                    "question_id": qa.question_id, "image_id": image_id, "answer_type": qa.answer_type,
                     "question_type": " ".join(qa.question.split()[:2]), "multiple_choice_answer": qa.answer,
                     "answers": [{"answer": a, "answer_id": i + 1, "answer_confidence": "yes"}
                                 for i, a in enumerate(qa.answers)],
