@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emu_lightning.cli import cli
+from emu_lightning.cli import EmuCLI, cli
 from emu_lightning.model import EmuModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,19 +18,14 @@ OVERLAYS = [p for p in CONFIGS if "eval" in p.parts]  # stacked on a model confi
 BASES = [p for p in CONFIGS if "ablations" not in p.parts and p not in OVERLAYS]
 
 
+class ParseOnly(EmuCLI):
+    def instantiate_classes(self) -> None:  # parse and validate types, build nothing
+        pass
+
+
 def _parse(*configs: Path):
-    from lightning.pytorch.cli import LightningCLI
-
-    class ParseOnly(LightningCLI):
-        def instantiate_classes(self) -> None:  # parse and validate types, build nothing
-            pass
-
-    import lightning as L
-
     args = [a for c in configs for a in ("--config", str(ROOT / c))]
-    return ParseOnly(
-        EmuModel, L.LightningDataModule, subclass_mode_data=True, auto_configure_optimizers=False, args=args, run=False
-    ).config
+    return cli(args, run=False, cli_class=ParseOnly).config
 
 
 def test_configs_exist():

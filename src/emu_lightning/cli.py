@@ -19,11 +19,15 @@ class EmuCLI(LightningCLI):
     """LightningCLI with the model's optimizer and scheduler taken from its own init arguments."""
 
 
-def cli(args: list[str] | None = None, run: bool = True) -> EmuCLI:
-    """Build (and by default run) the CLI; ``args`` as on the command line."""
+def cli(args: list[str] | None = None, run: bool = True, cli_class: type[EmuCLI] = EmuCLI) -> EmuCLI:
+    """Build (and by default run) the CLI; ``args`` as on the command line.
+
+    ``cli_class`` lets tools reuse the exact parser with other instantiation (``inspect`` builds only the
+    model, on the meta device).
+    """
     # Nothing is downloaded at run time: without this every hub look-up waits ~45 s before failing.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return EmuCLI(
+    return cli_class(
         EmuModel,
         L.LightningDataModule,
         subclass_mode_data=True,

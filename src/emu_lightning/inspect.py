@@ -30,7 +30,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
@@ -131,14 +130,13 @@ def build(args: Sequence[str], device: str = "meta") -> tuple[nn.Module, Any]:
     ``args`` are command-line arguments of ``emu-lightning`` without a subcommand (``["--config", path, ...]``).
     Goes through :func:`emu_lightning.cli.cli` itself, so parsing is identical; only instantiation differs.
     """
-    from emu_lightning import cli as cli_module
+    from emu_lightning.cli import EmuCLI, cli
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         # `args` given while sys.argv has arguments (as under `python -m emu_lightning.inspect`) is intended here.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        with mock.patch.object(cli_module, "EmuCLI", _model_only_cli(cli_module.EmuCLI, device)):
-            built = cli_module.cli(list(args), run=False)
+        built = cli(list(args), run=False, cli_class=_model_only_cli(EmuCLI, device))
     return built.model, built.config
 
 
