@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder
+from emu_lightning.sequence import END_OF_CHUNK, IGNORE_INDEX, SequenceBuilder
 from emu_lightning.tokenizer import IMAGE, IMG_END, IMG_START
 
 
@@ -76,6 +76,18 @@ def test_loss_switch_on_text_items(builder, tokenizer):
     labels = b["labels"][0].tolist()
     assert labels[1 : 1 + len(prompt)] == [IGNORE_INDEX] * len(prompt)
     assert labels[1 + len(prompt)] != IGNORE_INDEX
+
+
+def test_end_of_chunk_is_a_trained_eos_between_examples(builder, tokenizer):
+    eos = tokenizer.eos_token_id
+    ids = builder([["a.", END_OF_CHUNK, "b."]])["input_ids"][0].tolist()
+    labels = builder([["a.", END_OF_CHUNK, "b."]])["labels"][0].tolist()
+    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("a.", "b."))
+    assert ids == [tokenizer.bos_token_id, *a, eos, *b, eos]
+    assert labels == [IGNORE_INDEX, *a, eos, *b, eos]
+    # prompts (no final EOS) keep the EOS that ends each demonstration
+    prompt = builder.with_options(add_eos=False)([["a.", END_OF_CHUNK, "b."]])["input_ids"][0].tolist()
+    assert prompt == [tokenizer.bos_token_id, *a, eos, *b]
 
 
 def test_bad_input(builder):

@@ -5,7 +5,10 @@ A sample is a list of items (or a dict with an ``"items"`` list):
 - ``str``: text, trained on (cross-entropy) by default;
 - ``{"text": str, "loss": bool}``: text whose loss can be switched off (prompts, user turns);
 - a ``(3, H, W)`` tensor: an image, written as ``[IMG]`` + ``<image>`` x Q + ``[/IMG]``;
-- a ``(F, 3, H, W)`` tensor or a list of ``(3, H, W)`` tensors: a video, one image block per frame.
+- a ``(F, 3, H, W)`` tensor or a list of ``(3, H, W)`` tensors: a video, one image block per frame;
+- :data:`END_OF_CHUNK`: the tokenizer's EOS inside a sample, trained on, ending one example of several
+  chained in a sequence (as packed pretraining data and few-shot prompts chain them), so that generation
+  after an example's text stops there.
 
 The ``<image>`` embeddings are overwritten by the resampler's outputs in row-major order, so
 ``batch["images"]`` lists every kept image in the order its block appears (sample by sample).
@@ -24,6 +27,12 @@ from transformers import PreTrainedTokenizerBase
 from emu_lightning.tokenizer import IMAGE, IMG_END, IMG_START
 
 IGNORE_INDEX = -100
+END_OF_CHUNK: dict[str, bool] = {"end_of_chunk": True}
+"""The item that ends a chunk (an example) inside a sample; encoded as the EOS token, with loss."""
+
+
+def is_end_of_chunk(item: Any) -> bool:
+    return isinstance(item, dict) and bool(item.get("end_of_chunk"))
 
 
 @dataclass
@@ -89,6 +98,7 @@ class SequenceBuilder:
         self.pad_id = tokenizer.pad_token_id
         self.bos_id = tokenizer.bos_token_id if add_bos else None
         self.eos_id = tokenizer.eos_token_id if add_eos else None
+        self.chunk_end_id = tokenizer.eos_token_id  # END_OF_CHUNK, in prompts (add_eos=False) too
         self.num_truncated = 0
         """How many samples were truncated so far (a counter for data statistics)."""
 
@@ -128,6 +138,15 @@ class SequenceBuilder:
                 ids.extend(block)
                 labels.extend([IGNORE_INDEX] * len(block))
                 images.append(item)
+                continue
+            if is_end_of_chunk(item):
+                if self.chunk_end_id is None:
+                    raise ValueError("END_OF_CHUNK needs a tokenizer with an EOS token")
+                if len(ids) >= budget:
+                    truncated = True
+                    break
+                ids.append(self.chunk_end_id)
+                labels.append(self.chunk_end_id)
                 continue
             if isinstance(item, dict):
                 text, loss = item["text"], bool(item.get("loss", True))

@@ -3,7 +3,7 @@ import torch
 
 from emu_lightning.data.modules import ShapesWorldDataModule, ShapesWorldPairs
 from emu_lightning.data.world import ShapesWorld
-from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder
+from emu_lightning.sequence import END_OF_CHUNK, IGNORE_INDEX, SequenceBuilder
 
 
 def test_pairs_are_deterministic_with_both_orders():
@@ -28,14 +28,19 @@ def test_questions_and_chained_examples(tokenizer):
     trained = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
     assert tokenizer.decode(trained, skip_special_tokens=True) == answer  # loss on the answer only
 
-    chained = ShapesWorldPairs(world, "train", 100, vqa_prob=0.3, max_examples=3)
+    chained = ShapesWorldPairs(world, "train", 100, vqa_prob=0.3, examples_per_sample=3)
     counts = [sum(isinstance(x, torch.Tensor) for x in chained[i]["items"]) for i in range(100)]
-    assert set(counts) == {1, 2, 3}
-    assert chained[5]["items"][0] is not chained[5]["items"][-1]
+    assert set(counts) == {3}
+    questions = sum(isinstance(x, dict) and "text" in x for i in range(100) for x in chained[i]["items"])
+    assert 60 < questions < 120  # about 30% of the 300 examples
+    first, *_, last = [x for x in chained[5]["items"] if isinstance(x, torch.Tensor)]
+    assert not torch.equal(first, last)  # different scenes
+    # an EOS between examples: the model learns to stop after one
+    assert sum(x is END_OF_CHUNK for x in chained[5]["items"]) == 2
 
 
 def test_bad_mixture_arguments():
     with pytest.raises(ValueError, match="vqa_prob 1.5"):
         ShapesWorldDataModule(vqa_prob=1.5)
-    with pytest.raises(ValueError, match="max_examples 0"):
-        ShapesWorldDataModule(max_examples=0)
+    with pytest.raises(ValueError, match="examples_per_sample 0"):
+        ShapesWorldDataModule(examples_per_sample=0)

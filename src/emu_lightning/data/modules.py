@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from emu_lightning.data.world import ShapesWorld
-from emu_lightning.sequence import SequenceBuilder
+from emu_lightning.sequence import END_OF_CHUNK, SequenceBuilder
 
 
 class ShapesWorldPairs(Dataset):
@@ -18,8 +18,12 @@ class ShapesWorldPairs(Dataset):
     The image comes before the caption (captioning) or after it (text-to-image), at random per pair, as in
     Emu's pretraining on image-text pairs. With ``vqa_prob > 0`` some examples are questions about the image
     (``question: ... answer:`` without loss, then the answer), in the format the VQA evaluation prompts with;
-    with ``max_examples > 1`` a sample chains 1 to ``max_examples`` examples, so the model also sees several
-    images in one sequence, as few-shot prompts show it.
+    with ``examples_per_sample > 1`` a sample chains that many examples of different scenes, so the model
+    also sees several images in one sequence, as few-shot prompts show them: the ``j``-th example follows
+    ``j - 1`` others, so every context from 0 to ``examples_per_sample - 1`` earlier examples is trained. A
+    fixed count keeps the samples of a batch about equally long, with little padding. Examples are
+    separated by ``END_OF_CHUNK`` (EOS), so the model learns to stop after one, as the evaluation's
+    demonstrations end with ``{end}``.
 
     Args:
         world: the ShapesWorld generator.
@@ -27,7 +31,7 @@ class ShapesWorldPairs(Dataset):
         size: number of samples.
         image_first_prob: probability that a pair's image precedes its caption.
         vqa_prob: probability that an example is a question-answer pair instead of a caption pair.
-        max_examples: most examples chained in one sample.
+        examples_per_sample: examples chained in one sample.
     """
 
     def __init__(
@@ -37,15 +41,15 @@ class ShapesWorldPairs(Dataset):
         size: int,
         image_first_prob: float = 0.5,
         vqa_prob: float = 0.0,
-        max_examples: int = 1,
+        examples_per_sample: int = 1,
     ) -> None:
         for name, p in (("image_first_prob", image_first_prob), ("vqa_prob", vqa_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} {p} is not a probability")
-        if max_examples < 1:
-            raise ValueError(f"max_examples {max_examples} must be at least 1")
+        if examples_per_sample < 1:
+            raise ValueError(f"examples_per_sample {examples_per_sample} must be at least 1")
         self.world, self.split, self.size, self.image_first_prob = world, split, size, image_first_prob
-        self.vqa_prob, self.max_examples = vqa_prob, max_examples
+        self.vqa_prob, self.examples_per_sample = vqa_prob, examples_per_sample
 
     def __len__(self) -> int:
         return self.size
@@ -67,15 +71,15 @@ class ShapesWorldPairs(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} items")
-        if self.vqa_prob == 0.0 and self.max_examples == 1:
+        if self.vqa_prob == 0.0 and self.examples_per_sample == 1:
             items, references = self._pair(index)
         else:
             rng = self.world.rng(self.split, index, stream=4)
             items, references = [], []
-            for j in range(int(rng.integers(1, self.max_examples + 1))):
-                sub = index * self.max_examples + j  # distinct scenes for the chained examples
+            for j in range(self.examples_per_sample):
+                sub = index * self.examples_per_sample + j  # distinct scenes for the chained examples
                 example, refs = self._qa(sub) if rng.random() < self.vqa_prob else self._pair(sub)
-                items += example
+                items += [END_OF_CHUNK, *example] if items else example  # EOS between examples
                 references = references or refs
         return {"items": items, "id": f"{self.split}-{index}", "index": index, "references": references}
 
@@ -123,7 +127,7 @@ class ShapesWorldDataModule(EmuDataModule):
         val_size: held-out scenes (the ``val`` split, drawn from another seed stream).
         image_first_prob: probability that the image precedes its caption.
         vqa_prob: probability that an example is a ShapesWorld question with its answer.
-        max_examples: most examples chained in one sample (few-shot-like interleaving).
+        examples_per_sample: examples chained in one sample (few-shot-like interleaving).
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         sequencer: a SequenceBuilder; by default the trained model's.
@@ -140,7 +144,7 @@ class ShapesWorldDataModule(EmuDataModule):
         val_size: int = 256,
         image_first_prob: float = 0.5,
         vqa_prob: float = 0.0,
-        max_examples: int = 1,
+        examples_per_sample: int = 1,
         batch_size: int = 32,
         num_workers: int = 0,
         sequencer: SequenceBuilder | None = None,
@@ -150,7 +154,7 @@ class ShapesWorldDataModule(EmuDataModule):
             image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, grid=grid, seed=seed
         )
         self.seed = seed
-        mix = dict(image_first_prob=image_first_prob, vqa_prob=vqa_prob, max_examples=max_examples)
+        mix = dict(image_first_prob=image_first_prob, vqa_prob=vqa_prob, examples_per_sample=examples_per_sample)
         self.train_set = ShapesWorldPairs(self.world, "train", train_size, **mix)
         self.val_set = ShapesWorldPairs(self.world, "val", val_size, **mix)
 

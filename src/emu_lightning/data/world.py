@@ -191,10 +191,14 @@ class ShapesWorld:
         ]
 
     def corpus(self, num_scenes: int = 2000) -> list[str]:
-        """Text for training the default tokenizer: captions of training scenes plus every word."""
+        """Text for training the default tokenizer: captions and VQA questions and answers of training
+        scenes (in the prompt format the VQA examples and evaluation use), plus every word."""
         texts = [c for i in range(num_scenes) for c in self.captions(self.scene("train", i))]
+        texts += [
+            f"question: {qa.question} answer: {qa.answer}." for i in range(num_scenes) for qa in self.questions("train", i)
+        ]
         words = list(COLOURS) + list(SHAPES) + list(SIZES) + [n for names in CELL_NAMES.values() for n in names]
-        texts.append(" ".join(words + list(NUMBER_WORDS)))
+        texts.append(" ".join(words + list(NUMBER_WORDS) + ["yes", "no"]))
         return texts
 
     # ---------------------------------------------------------------- questions
