@@ -84,6 +84,7 @@ class EmuModel(L.LightningModule):
         self.vision, self.resampler, self.llm, self.decoder = vision, resampler, llm, decoder
         self._check_widths()
         self.lr_multipliers = _check_names(lr_multipliers or {}, "lr_multipliers")
+        self.checkpoint_step: int | None = None  # set when weights come from a checkpoint
         self.frozen = list(_check_names({n: 0 for n in frozen or []}, "frozen"))
         for name in self.frozen:
             if getattr(self, name) is None:
@@ -238,6 +239,8 @@ class EmuModel(L.LightningModule):
         checkpoint["emu_tokenizer"] = tokenizer_to_state(self.tokenizer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The training step of the loaded weights: evaluations outside fit (validate) report under it.
+        self.checkpoint_step = checkpoint.get("global_step")
         if "emu_tokenizer" in checkpoint:
             self._set_tokenizer(tokenizer_from_state(checkpoint["emu_tokenizer"]))
 

@@ -83,6 +83,14 @@ def test_cider_matches_pycocoevalcap():
     assert result.score == pytest.approx(sum(result.per_image.values()) / 4)
 
 
+def test_cider_drops_only_the_java_tokenizer_progress_line(capfd):
+    cider_score(PREDS, REFS)
+    assert "PTBTokenizer tokenized" not in capfd.readouterr().err
+    # anything else the tokenizer prints still reaches stderr (U+FFFD is what untrained models emit)
+    cider_score({1: "a man \ufffd riding"}, {1: REFS[1]})
+    assert "Untokenizable" in capfd.readouterr().err
+
+
 def test_cider_float_face_and_subset_changes_idf():
     sub = {k: REFS[k] for k in (1, 4)}
     # Same predictions, fewer images: IDF changes, so the per-image score of image 1 changes too.

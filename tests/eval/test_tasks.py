@@ -5,6 +5,7 @@ from conftest import make_model
 from emu_lightning.data.coco import read_karpathy
 from emu_lightning.data.vqa import read_vqa
 from emu_lightning.data.world import ShapesWorld
+from emu_lightning.sequence import END_OF_CHUNK
 from emu_lightning.eval.tasks import FewShotTask, PromptTemplate, from_captions, from_vqa, render
 
 
@@ -28,6 +29,8 @@ def test_render_places_images():
     img = torch.zeros(3, 2, 2)
     assert render("{image}Output:{caption}", img, caption="a dog") == [img, "Output:a dog"]
     assert render("Question:{question}{image}", None, question="why?") == ["Question:why?"]
+    assert render("{image}{caption}{end}", img, caption="a dog.") == [img, "a dog.", END_OF_CHUNK]
+    assert render("{caption}{end}{image}", None, caption="x") == ["x", END_OF_CHUNK]
 
 
 def test_demonstrations_are_seeded_per_query_not_per_process(sets):

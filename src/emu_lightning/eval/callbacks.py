@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from emu_lightning.data.coco import load_image, read_karpathy
@@ -62,7 +63,7 @@ class ScheduledEval(Callback):
         except Exception as err:  # an evaluation must not kill a long training run
             if self.strict:
                 raise
-            rank_zero_warn(f"{self.task_name} evaluation failed at step {trainer.global_step}: {err!r}")
+            rank_zero_warn(f"{self.task_name} evaluation failed at step {_weights_step(trainer, pl_module)}: {err!r}")
             return None
 
 
@@ -77,7 +78,8 @@ class FewShotEval(ScheduledEval):
         selection: ``random`` or ``rices`` demonstrations (RICES on the model's own vision backbone).
         zero_shot_text_demos: demonstrations without images for 0-shot (the paper's zero-shot*: 2).
         num_queries: evaluate the first N queries only (``None``: all). CIDEr's IDF depends on N.
-        demo_template: one demonstration; ``{image}`` marks the image (default: the task's own).
+        demo_template: one demonstration; ``{image}`` marks the image, ``{end}`` the EOS that ends it, as
+            between chained training examples (default: the task's own).
         query_template: the query (default: the task's own).
         prefix: text before the prompt (a system message).
         generation: ``generate`` options (``num_beams``, ``max_new_tokens``, ``min_new_tokens``, ...); default:
@@ -86,7 +88,7 @@ class FewShotEval(ScheduledEval):
         strict: re-raise evaluation errors (by default they are logged and training goes on).
     """
 
-    default_demo = "{image}{caption}"
+    default_demo = "{image}{caption}{end}"
     default_query = "{image}"
     default_generation: dict[str, Any] = {}
 
@@ -128,20 +130,26 @@ class FewShotEval(ScheduledEval):
                            image_size=pl_module.vision.image_size, **self.task_args)  # fmt: skip
 
     def _run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
+        results = self.evaluate(trainer, pl_module)
+        for shots, r in results["shots"].items():
+            pl_module.log(f"eval/{self.task_name}_{shots}shot", r["mean"], rank_zero_only=True)
+            pl_module.log(f"eval/{self.task_name}_{shots}shot_std", r["std"], rank_zero_only=True)
+        return results
+
+    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
+        """Evaluate now, outside the schedule (e.g. before training): results are recorded in ``history``
+        and written to the run folder, but not logged."""
         if self.task is None:
             if trainer.is_global_zero or not _distributed():
                 self.task = self.build(trainer, pl_module)
             trainer.strategy.barrier()
             if self.task is None:  # other ranks read what rank 0 wrote
                 self.task = self.build(trainer, pl_module)
-        task, step = self.task, trainer.global_step
+        task, step = self.task, _weights_step(trainer, pl_module)
         shard = range(trainer.global_rank, len(task.queries), trainer.world_size)
         progress = lambda line: rank_zero_info(f"[{self.task_name}] step {step}: {line}")  # noqa: E731
         results = {"step": step, "num_queries": len(task.queries),
                    **task.evaluate(pl_module, shard, gather=_gather, on_progress=progress)}  # fmt: skip
-        for shots, r in results["shots"].items():
-            pl_module.log(f"eval/{self.task_name}_{shots}shot", r["mean"], rank_zero_only=True)
-            pl_module.log(f"eval/{self.task_name}_{shots}shot_std", r["std"], rank_zero_only=True)
         self.history.append(results)
         if trainer.is_global_zero:
             _write_report(_run_dir(trainer) / "eval", results)
@@ -214,7 +222,7 @@ class VQAEval(FewShotEval):
     """
 
     task_name = "vqa"
-    default_demo = "{image}question: {question} answer: {answer}."
+    default_demo = "{image}question: {question} answer: {answer}.{end}"
     default_query = "{image}question: {question} answer:"
     default_generation = {"num_beams": 5, "max_new_tokens": 10, "length_penalty": -1.0}
 
@@ -350,7 +358,7 @@ class TextToImageEval(ScheduledEval):
             return None
         if self._prompts is None:
             self._setup(trainer, pl_module)
-        step = trainer.global_step
+        step = _weights_step(trainer, pl_module)
         shard = self._prompts[trainer.global_rank :: trainer.world_size]
         generated: dict[Any, torch.Tensor] = {}
         for start in range(0, len(shard), self.batch_size):
@@ -391,6 +399,15 @@ def _world(trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
     if isinstance(world, ShapesWorld):
         return world
     return ShapesWorld(image_size=getattr(getattr(pl_module, "vision", None), "image_size", 32))
+
+
+def _weights_step(trainer: L.Trainer, pl_module: Any) -> int:
+    """The training step of the weights being evaluated: the trainer's while fitting; under ``validate``, that of
+    the checkpoint the model was loaded from (the trainer counts from 0 there)."""
+    if trainer.state.fn == TrainerFn.FITTING:
+        return trainer.global_step
+    loaded = getattr(pl_module, "checkpoint_step", None)
+    return trainer.global_step if loaded is None else int(loaded)
 
 
 def _distributed() -> bool:

@@ -6,10 +6,14 @@ torchmetrics); the tests compare against those on hand-made inputs. Nothing here
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,27 @@ def _one_line(text: str) -> str:
     # The PTB tokenizer runs with -preserveLines and its wrapper pairs output lines with inputs by position: a
     # line break inside a caption (\r, \u2028, ...) would silently shift every later caption onto another image.
     return " ".join(text.splitlines())
+
+
+@contextlib.contextmanager
+def _without_tokenizer_progress() -> Iterator[None]:
+    """Drop the "PTBTokenizer tokenized N tokens at ..." line that the Java tokenizer prints to stderr on every
+    call (it inherits our file descriptor 2); anything else it prints is passed through."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith("PTBTokenizer tokenized")]  # fmt: skip
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def cider_score(predictions: Mapping[Any, str], references: Mapping[Any, Sequence[str]]) -> CiderResult:
@@ -92,12 +117,13 @@ def cider_score(predictions: Mapping[Any, str], references: Mapping[Any, Sequenc
 
     tokenizer = PTBTokenizer()
     gts_in = {k: [{"caption": _one_line(r)} for r in refs] for k, refs in references.items()}
-    gts = tokenizer.tokenize(gts_in)
     # Blank predictions skip the tokenizer (which would turn them into "" too): an all-blank input would leave it
     # with nothing to read.
     empty = {k for k, p in predictions.items() if not p.strip()}
     to_tokenize = {k: [{"caption": _one_line(p)}] for k, p in predictions.items() if k not in empty}
-    res = tokenizer.tokenize(to_tokenize) if to_tokenize else {}
+    with _without_tokenizer_progress():
+        gts = tokenizer.tokenize(gts_in)
+        res = tokenizer.tokenize(to_tokenize) if to_tokenize else {}
     res.update({k: [""] for k in empty})
     for k in references:
         if len(gts.get(k, ())) != len(references[k]) or len(res.get(k, ())) != 1:

@@ -10,6 +10,7 @@ most similar support images instead (most similar last, nearest the query). ``sh
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from torch import Tensor
 from emu_lightning.data.coco import CaptionExample, load_image
 from emu_lightning.data.vqa import VQAExample
 from emu_lightning.eval.metrics import cider, postprocess_vqa_answer, vqa_accuracy
+from emu_lightning.sequence import END_OF_CHUNK
 
 _IMAGE = "\x00"
+_END = "\x01"
 
 
 @dataclass(frozen=True)
@@ -47,26 +50,28 @@ def from_vqa(examples: Sequence[VQAExample]) -> list[EvalExample]:
 
 
 def render(template: str, image: Tensor | None, **fields: str) -> list[Any]:
-    """Interleaved items from a template: ``"{image}Output:{caption}"`` -> ``[image, "Output:caption"]``.
+    """Interleaved items from a template: ``"{image}Output:{caption}{end}"`` -> ``[image, "Output:caption", END]``.
 
-    With ``image=None`` (a text-only demonstration) the image is left out.
+    ``{end}`` is :data:`~emu_lightning.sequence.END_OF_CHUNK` (the EOS that ends an example). With
+    ``image=None`` (a text-only demonstration) the image is left out.
     """
-    parts = template.format(image=_IMAGE, **fields).split(_IMAGE)
     items: list[Any] = []
-    for i, part in enumerate(parts):
-        if i > 0 and image is not None:
-            items.append(image)
-        if part:
+    for part in re.split(f"({_IMAGE}|{_END})", template.format(image=_IMAGE, end=_END, **fields)):
+        if part == _IMAGE:
+            items += [image] if image is not None else []
+        elif part == _END:
+            items.append(END_OF_CHUNK)
+        elif part:
             items.append(part)
     return items
 
 
 @dataclass
 class PromptTemplate:
-    """How demonstrations and the query are written. ``{image}`` marks the image; fields: ``caption``,
-    ``question``, ``answer``."""
+    """How demonstrations and the query are written. ``{image}`` marks the image, ``{end}`` the end of an
+    example (EOS); fields: ``caption``, ``question``, ``answer``."""
 
-    demo: str = "{image}{caption}"
+    demo: str = "{image}{caption}{end}"
     query: str = "{image}"
     prefix: str = ""
     """Text before everything (a system message)."""
