@@ -107,6 +107,12 @@ def test_tiny_fit_then_validate_from_the_command_line(tmp_path):
     )
     assert val.returncode == 0, val.stderr[-3000:]
     assert "val/ce" in val.stdout
+    # the tiny config's evaluation callbacks ran in fit (steps 2 and 4) and again under validate
+    for task in ("captioning", "vqa"):
+        reports = sorted(p.parent.parent.name + "/" + p.name for p in root.rglob(f"eval/{task}-step*.json"))
+        assert reports == [f"version_0/{task}-step0000002.json", f"version_0/{task}-step0000004.json",
+                           f"version_1/{task}-step0000004.json"], reports  # fmt: skip
+    assert "eval/vqa_4shot" in val.stdout
 
     # The checkpoint reloads on its own (tokenizer included) and generates.
     model = EmuModel.load_from_checkpoint(ckpts[-1], map_location="cpu")

@@ -3,8 +3,10 @@
     python -m emu_lightning.demo [--config configs/tiny.yaml] [--num-eval 200] [extra CLI overrides ...]
 
 Prints held-out images' generated captions beside their references, the held-out cross-entropy before
-and after training, and the share of held-out captions that name exactly the right coloured shapes.
-Writes the same figures to ``<run dir>/demo.json``.
+and after training, the share of held-out captions that name exactly the right coloured shapes, and the
+zero- and few-shot scores of the config's evaluation callbacks (CIDEr and VQA accuracy on held-out
+ShapesWorld) before and after training. Writes the same figures to ``<run dir>/demo.json``; the
+callbacks write their own reports to ``<run dir>/eval/``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from emu_lightning.cli import cli
 from emu_lightning.data.modules import ShapesWorldDataModule
+from emu_lightning.eval.callbacks import FewShotEval
 from emu_lightning.model import EmuModel
 
 
@@ -71,6 +74,23 @@ def caption_accuracy(
     return sum(r["correct"] for r in rows) / max(len(rows), 1), rows
 
 
+def few_shot_scores(trainer: Any, model: EmuModel) -> dict[str, float]:
+    """``{"<task> <k>-shot": mean score}`` for every few-shot callback of the trainer, at the current step.
+
+    A callback that already evaluated at this step (the validation at the end of training) is not rerun.
+    """
+    scores: dict[str, float] = {}
+    for callback in trainer.callbacks:
+        if not isinstance(callback, FewShotEval):
+            continue
+        done = callback.history[-1] if callback.history else None
+        if done is None or done["step"] != trainer.global_step:
+            done = callback.evaluate(trainer, model)
+        for shots, r in done["shots"].items():
+            scores[f"{callback.task_name} {shots}-shot"] = r["mean"]
+    return scores
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
@@ -92,11 +112,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
 
+    evaluating = any(isinstance(c, FewShotEval) for c in trainer.callbacks)
+    if evaluating:
+        print("few-shot evaluation of the untrained model ...", flush=True)
+    start = time.perf_counter()
+    scores_before = few_shot_scores(trainer, model)
+    eval_seconds = time.perf_counter() - start
+
     start = time.perf_counter()
     trainer.fit(model, dm)
     train_seconds = time.perf_counter() - start
 
     after = heldout_losses(model, dm)
+    scores_after = few_shot_scores(trainer, model)
     accuracy, rows = caption_accuracy(model, dm, args.num_eval)
     print(f"\nheld-out captions after {trainer.global_step} steps ({train_seconds:.0f} s of training):")
     width = max(len(r["caption"]) for r in rows[: args.show])
@@ -114,12 +142,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "caption_accuracy": round(accuracy, 4),
         "caption_exact_match": round(sum(r["exact"] for r in rows) / max(len(rows), 1), 4),
         "num_eval": len(rows),
+        "few_shot_before": {k: round(v, 2) for k, v in scores_before.items()},
+        "few_shot_after": {k: round(v, 2) for k, v in scores_after.items()},
+        "few_shot_eval_seconds": round(eval_seconds, 1),
     }
     print(f"\nheld-out cross-entropy: {before['ce']:.3f} before -> {after['ce']:.3f} after training")
     print(f"captions naming exactly the right coloured shapes: {accuracy:.1%} of {len(rows)} held-out images")
     print(
         f"captions equal to one of the five references (sizes and positions too): {results['caption_exact_match']:.1%}"
     )
+    if scores_after:
+        metric = {"captioning": "CIDEr", "vqa": "VQA accuracy"}
+        print(f"\nheld-out few-shot evaluation (reports in {Path(trainer.log_dir or trainer.default_root_dir) / 'eval'}):")
+        print(f"{'':<28} {'before':>8} {'after':>8}")
+        for name, value in scores_after.items():
+            task, shots = name.split(" ")
+            label = f"{metric.get(task, task)} {shots}"
+            print(f"{label:<28} {scores_before.get(name, float('nan')):>8.1f} {value:>8.1f}")
     out_dir = Path(trainer.log_dir or trainer.default_root_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The trained weights as evaluated here, whichever way training stopped (max_steps or max_time).
