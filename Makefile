@@ -34,6 +34,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/rices.py
+	$(BIN)/python benchmarks/eval_throughput.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

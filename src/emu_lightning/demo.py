@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if scores_after:
         metric = {"captioning": "CIDEr", "vqa": "VQA accuracy"}
-        print(f"\nheld-out few-shot evaluation (reports in {Path(trainer.log_dir or trainer.default_root_dir) / 'eval'}):")
+        reports = Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+        print(f"\nheld-out few-shot evaluation (reports in {reports}):")
         print(f"{'':<28} {'before':>8} {'after':>8}")
         for name, value in scores_after.items():
             task, shots = name.split(" ")

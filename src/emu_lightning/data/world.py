@@ -194,9 +194,8 @@ class ShapesWorld:
         """Text for training the default tokenizer: captions and VQA questions and answers of training
         scenes (in the prompt format the VQA examples and evaluation use), plus every word."""
         texts = [c for i in range(num_scenes) for c in self.captions(self.scene("train", i))]
-        texts += [
-            f"question: {qa.question} answer: {qa.answer}." for i in range(num_scenes) for qa in self.questions("train", i)
-        ]
+        qas = [qa for i in range(num_scenes) for qa in self.questions("train", i)]
+        texts += [f"question: {qa.question} answer: {qa.answer}." for qa in qas]
         words = list(COLOURS) + list(SHAPES) + list(SIZES) + [n for names in CELL_NAMES.values() for n in names]
         texts.append(" ".join(words + list(NUMBER_WORDS) + ["yes", "no"]))
         return texts
