@@ -112,9 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
 
-    evaluating = any(isinstance(c, FewShotEval) for c in trainer.callbacks)
-    if evaluating:
+    if any(isinstance(c, FewShotEval) for c in trainer.callbacks):
         print("few-shot evaluation of the untrained model ...", flush=True)
+    # fit attaches the datamodule too; the callbacks write their held-out sets from its ShapesWorld
+    trainer.datamodule = dm
     start = time.perf_counter()
     scores_before = few_shot_scores(trainer, model)
     eval_seconds = time.perf_counter() - start
