@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
 ABLATIONS = [p for p in CONFIGS if "ablations" in p.parts]
 OVERLAYS = [p for p in CONFIGS if "eval" in p.parts]  # stacked on a model config
-BASES = [p for p in CONFIGS if "ablations" not in p.parts and p not in OVERLAYS]
+STAGES = [p for p in CONFIGS if "stages" in p.parts]  # stacked on the tiny config
+BASES = [p for p in CONFIGS if "ablations" not in p.parts and p not in OVERLAYS and p not in STAGES]
 
 
 class ParseOnly(EmuCLI):
@@ -45,6 +46,14 @@ def test_eval_overlays_parse_on_the_tiny_config(overlay):
     cfg = _parse(Path("configs/tiny.yaml"), overlay)
     names = [c.class_path.rsplit(".", 1)[1] for c in cfg.trainer.callbacks]
     assert "CaptioningEval" in names and "VQAEval" in names
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=str)
+def test_stage_overlays_build_on_the_tiny_config(stage):
+    run = cli(["--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / stage), "--trainer.logger", "false"],
+              run=False)  # fmt: skip
+    assert run.model.stage == stage.stem and run.model.decoder is not None
+    assert set(run.model.frozen) == {"vision", "resampler", "llm"}
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=str)

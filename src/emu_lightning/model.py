@@ -32,6 +32,7 @@ from emu_lightning.tokenizer import (
 )
 
 COMPONENTS = ("vision", "resampler", "llm", "decoder")
+STAGES = ("pretrain", "decoder")
 
 try:  # set by LightningCLI so that hparams hold the config (class_path dicts), not the built modules
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -59,6 +60,14 @@ class EmuModel(L.LightningModule):
         optimizer: optimizer factory taking parameter groups (``class_path: torch.optim.AdamW`` ...).
         scheduler: learning-rate scheduler factory taking the optimizer, stepped every optimizer step.
         weight_decay_norms: also apply weight decay to biases, norms and embeddings (off by default).
+        init_checkpoint: an EmuModel checkpoint to start from: its tokenizer and the weights of every component
+            it holds (strictly, component by component); components it lacks (a new decoder) keep their
+            initialisation. Unlike ``fit --ckpt_path`` nothing else (optimizer, step) is resumed.
+        stage: ``pretrain`` (the unified objective) or ``decoder`` (the paper's second stage: vision, resampler
+            and LLM frozen, only the decoder trains, on the images of text-then-image samples).
+        decoder_condition: what the decoder stage conditions on: ``regressed`` (the paper: Emu's Q embeddings
+            regressed after the text before the image and ``[IMG]``) or ``autoencoder`` (Emu2: the resampler's
+            embeddings of the target image itself).
     """
 
     def __init__(
@@ -77,6 +86,9 @@ class EmuModel(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         weight_decay_norms: bool = False,
+        init_checkpoint: str | None = None,
+        stage: str = "pretrain",
+        decoder_condition: str = "regressed",
     ) -> None:
         super().__init__()
         given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
@@ -85,6 +97,15 @@ class EmuModel(L.LightningModule):
         self._check_widths()
         self.lr_multipliers = _check_names(lr_multipliers or {}, "lr_multipliers")
         self.checkpoint_step: int | None = None  # set when weights come from a checkpoint
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r} must be one of {list(STAGES)}")
+        if decoder_condition not in ("regressed", "autoencoder"):
+            raise ValueError(f"decoder_condition {decoder_condition!r} must be 'regressed' or 'autoencoder'")
+        if stage == "decoder":
+            if decoder is None:
+                raise ValueError("stage 'decoder' needs a decoder")
+            frozen = sorted({*(frozen or []), "vision", "resampler", "llm"})  # only the decoder trains
+        self.stage, self.decoder_condition = stage, decoder_condition
         self.frozen = list(_check_names({n: 0 for n in frozen or []}, "frozen"))
         for name in self.frozen:
             if getattr(self, name) is None:
@@ -97,7 +118,23 @@ class EmuModel(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay_norms = weight_decay_norms
         self.max_length = max_length
-        self._set_tokenizer(self._load_tokenizer(tokenizer))
+        if init_checkpoint is None:
+            self._set_tokenizer(self._load_tokenizer(tokenizer))
+        else:
+            self._init_from(init_checkpoint)
+
+    def _init_from(self, path: str) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_checkpoint {path!r} is not a file")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if "emu_tokenizer" not in checkpoint:
+            raise ValueError(f"init_checkpoint {path!r} is not an EmuModel checkpoint (it holds no tokenizer)")
+        self._set_tokenizer(tokenizer_from_state(checkpoint["emu_tokenizer"]))
+        state = checkpoint["state_dict"]
+        for name, module in self.components().items():
+            own = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
+            if own:
+                module.load_state_dict(own, strict=True)
 
     # ------------------------------------------------------------------ construction
     def _check_widths(self) -> None:
@@ -197,14 +234,41 @@ class EmuModel(L.LightningModule):
             return self.regression_weight
         return self.regression_weight * min(1.0, self.global_step / self.regression_warmup_steps)
 
+    def decoder_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The decoder stage's diffusion loss on each sample's first image, conditioned on Emu's regression for
+        the text before it (or, ``autoencoder``, on that image's own embeddings); samples whose first image
+        has no text before it are skipped. The unconditional branch is the regression for an empty prompt."""
+        ids, counts = batch["input_ids"], batch["image_counts"].tolist()
+        first = torch.tensor([sum(counts[:i]) for i in range(len(counts))])
+        starts = [(row == self.img_start_id).nonzero() for row in ids]
+        text_from = int(self.sequencer.bos_id is not None)  # the first token after BOS
+        keep = [i for i, s in enumerate(starts) if counts[i] > 0 and len(s) and int(s[0]) > text_from]
+        if not keep:
+            raise ValueError("no sample has text before an image: the decoder stage needs text-then-image samples")
+        images = batch["images"][first[keep]].to(self.device)
+        with torch.no_grad():
+            if self.decoder_condition == "autoencoder":
+                condition = self.encode_images(images)
+            else:
+                prompts = [ids[i, : int(starts[i][0])] for i in keep]
+                condition = self._regress(*self._left_pad(prompts))
+            uncondition = self.regress_image_embeddings([[]])
+        return {"decoder": self.decoder.loss(images, condition, uncondition)}
+
+    def stage_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        if self.stage == "decoder":
+            losses = self.decoder_losses(batch)
+            return {**losses, "loss": losses["decoder"]}
+        return self.losses(batch)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        losses = self.losses(batch)
+        losses = self.stage_losses(batch)
         n = batch["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=n)
         return losses["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        losses = self.losses(batch)
+        losses = self.stage_losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["input_ids"].shape[0])
 
     # ------------------------------------------------------------------ optimisation
@@ -313,6 +377,120 @@ class EmuModel(L.LightningModule):
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         return self.generate([[img, template.format(question=q)] for img, q in zip(images, questions)], **kwargs)
+
+    # ------------------------------------------------------------------ image generation
+    def _left_pad(self, prompts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Token-id prompts to a left-padded ``(B, T + 1)`` batch ending with ``[IMG]``, and its mask."""
+        length = max(len(p) for p in prompts) + 1
+        ids = torch.full((len(prompts), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p) - 1 : -1], mask[i, length - len(p) - 1 :] = p, 1
+        ids[:, -1] = self.img_start_id
+        return ids.to(self.device), mask.to(self.device)
+
+    def _regress(self, ids: Tensor, mask: Tensor, images: Tensor | None = None, use_cache: bool = True) -> Tensor:
+        """Q visual embeddings ``(B, Q, D)`` regressed one after another from prompts ending with ``[IMG]``.
+
+        Each prediction is fed back as the next input embedding, as the ``<image>`` slots are in training.
+        With ``use_cache`` each step feeds one embedding to the KV cache; without it, every step runs the
+        whole sequence again (the paper's released code); both give the same embeddings.
+        """
+        embeds = self.embed(ids, images)
+        if ids.shape[1] + self.num_queries > self.llm_max_positions():
+            raise ValueError(
+                f"prompt of {ids.shape[1]} tokens plus {self.num_queries} image embeddings exceeds the language "
+                f"model's {self.llm_max_positions()} positions"
+            )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(embeds, mask, use_cache=use_cache, position_ids=positions)
+        preds = [self.llm.regress(out.hidden[:, -1:])]
+        for _ in range(self.num_queries - 1):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            if use_cache:
+                out = self.llm(preds[-1], mask, past_key_values=out.past_key_values, position_ids=positions[:, -1:])
+            else:
+                embeds = torch.cat([embeds, preds[-1]], dim=1)
+                out = self.llm(embeds, mask, position_ids=positions)
+            preds.append(self.llm.regress(out.hidden[:, -1:]))
+        return torch.cat(preds, dim=1)
+
+    def llm_max_positions(self) -> int:
+        config = getattr(getattr(self.llm, "model", None), "config", None)
+        return int(getattr(config, "max_position_embeddings", None) or 10**9)
+
+    def regress_image_embeddings(self, prompts: Sequence[Any], use_cache: bool = True) -> Tensor:
+        """The Q visual embeddings Emu regresses after each interleaved prompt followed by ``[IMG]``: ``(B, Q, D)``.
+
+        Args:
+            prompts: one prompt per image to generate: a string, or a list of items (text, images) as in
+                :meth:`generate`. An empty prompt (``[]`` or ``""``) is the unconditional one.
+            use_cache: regress with a KV cache (one LLM step per embedding) or rerun the sequence each step.
+        """
+        if len(prompts) == 0:
+            raise ValueError("regress_image_embeddings needs at least one prompt")
+        items = [[p] if isinstance(p, str) and p else ([] if isinstance(p, str) else list(p)) for p in prompts]
+        batch = self.sequencer.with_options(padding_side="left", add_eos=False)(items)
+        if batch["truncated"].any():
+            raise ValueError(f"prompt longer than max_length {self.max_length} tokens (too many images or words)")
+        ids = torch.cat([batch["input_ids"], torch.full_like(batch["input_ids"][:, :1], self.img_start_id)], 1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)
+        with self._inference():
+            return self._regress(ids.to(self.device), mask.to(self.device), batch["images"], use_cache=use_cache)
+
+    def generate_image(
+        self,
+        prompts: Sequence[Any],
+        guidance_scale: float = 7.5,
+        steps: int = 50,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` for interleaved prompts: text-to-image (``["a red circle."]``),
+        in-context generation (text and images in the prompt), any mix; batched.
+
+        Emu regresses Q visual embeddings after each prompt and ``[IMG]`` (KV cached) and the decoder turns
+        them into pixels, with classifier-free guidance whose unconditional branch is Emu's regression for an
+        empty prompt (the paper: scale 7.5, 10 for in-context generation). ``guidance_scale=1`` is unguided.
+        """
+        if guidance_scale < 1:
+            raise ValueError(f"guidance_scale {guidance_scale} must be >= 1 (1: no guidance)")
+        condition = self.regress_image_embeddings(prompts)
+        return self.decode_embeddings(condition, guidance_scale, steps, generator)
+
+    def blend_images(
+        self,
+        images_a: Tensor,
+        images_b: Tensor,
+        weight: float = 0.5,
+        guidance_scale: float = 7.5,
+        steps: int = 50,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Blend two batches of images: decode ``(1 - weight) * emb(a) + weight * emb(b)`` of their visual
+        embeddings (the resampler's, the space Emu's regression targets live in)."""
+        if images_a.shape != images_b.shape:
+            raise ValueError(f"images to blend differ in shape: {tuple(images_a.shape)} vs {tuple(images_b.shape)}")
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"blend weight {weight} must be in [0, 1]")
+        with self._inference():
+            a, b = self.encode_images(images_a.to(self.device)), self.encode_images(images_b.to(self.device))
+        return self.decode_embeddings(torch.lerp(a, b, weight), guidance_scale, steps, generator)
+
+    def decode_embeddings(
+        self, condition: Tensor, guidance_scale: float = 7.5, steps: int = 50, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Decode ``(B, Q, D)`` visual embeddings to images with the decoder, guided against the empty prompt."""
+        if self.decoder is None:
+            raise ValueError(
+                "this EmuModel has no decoder: give `decoder:` (e.g. a DiffusionDecoder) to generate images"
+            )
+        uncondition = None
+        if guidance_scale != 1:
+            uncondition = self.regress_image_embeddings([[]]).expand_as(condition)
+        with self._inference():
+            return self.decoder.sample(condition, uncondition, steps=steps, guidance_scale=guidance_scale,
+                                       generator=generator)  # fmt: skip
 
 
 def _as_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:

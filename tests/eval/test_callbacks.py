@@ -113,6 +113,6 @@ def test_text_to_image_eval_scores_a_perfect_and_a_noise_generator(tmp_path):
 
 def test_text_to_image_eval_skips_models_without_generate_image(tmp_path):
     cb = TextToImageEval(every_n_steps=1, on_validation=False, strict=True)
-    with pytest.warns(UserWarning, match="no generate_image"):
+    with pytest.warns(UserWarning, match="no generate_image or no decoder"):  # an EmuModel without a decoder
         fit_with(tmp_path, cb)
     assert cb.history == []

@@ -113,11 +113,18 @@ class HFCausalLM(LanguageModel):
         return self.model.get_input_embeddings()(ids)
 
     def forward(
-        self, inputs_embeds: Tensor, attention_mask: Tensor, past_key_values: Any = None, use_cache: bool = False
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        position_ids: Tensor | None = None,
     ) -> LMOutput:
         use_cache = use_cache or past_key_values is not None
         base = self.model.base_model
         kwargs = {self._cache_arg: past_key_values} if past_key_values is not None else {}
+        if position_ids is not None:  # left-padded prompts: count positions from each row's first token
+            kwargs["position_ids"] = position_ids
         out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         logits = self.model.get_output_embeddings()(hidden)

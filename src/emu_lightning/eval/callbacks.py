@@ -312,6 +312,8 @@ class TextToImageEval(ScheduledEval):
         self._prompts: list[tuple[Any, str]] | None = None
         self._scenes: dict[Any, Any] = {}
         self._fid: Any = None
+        self.last_images: torch.Tensor | None = None
+        self.last_keys: list[Any] = []
 
     task_name = "text_to_image"
 
@@ -351,9 +353,28 @@ class TextToImageEval(ScheduledEval):
         return torch.cat([self._fid.inception(b).double() for b in batches])
 
     def _run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
-        if not hasattr(pl_module, "generate_image"):
+        results = self.evaluate(trainer, pl_module)
+        if results is None:
+            return None
+        pl_module.log("eval/t2i_fid", results["fid"]["value"], rank_zero_only=True)
+        for k, v in results.get("attributes", {}).items():
+            if k in ("colour_accuracy", "shape_accuracy", "scene_accuracy") and v is not None:
+                pl_module.log(f"eval/t2i_{k}", v, rank_zero_only=True)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if trainer.is_global_zero and hasattr(experiment, "add_image"):  # TensorBoard: the grid beside the scalars
+            from torchvision.utils import make_grid
+
+            experiment.add_image("eval/text_to_image", make_grid(self.last_images[:64], nrow=8), results["step"])
+        return results
+
+    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
+        """Generate and score now, outside the schedule: results go to ``history`` and the run folder (a PNG grid
+        and a JSON file), and the images to ``last_images``; nothing is logged. ``None`` for a model without
+        ``generate_image`` or without a decoder."""
+        if not hasattr(pl_module, "generate_image") or getattr(pl_module, "decoder", True) is None:
             if not self._warned:
-                rank_zero_warn(f"{type(pl_module).__name__} has no generate_image: text-to-image evaluation skipped")
+                rank_zero_warn(f"{type(pl_module).__name__} has no generate_image or no decoder: text-to-image "
+                               "evaluation skipped")  # fmt: skip
                 self._warned = True
             return None
         if self._prompts is None:
@@ -373,13 +394,10 @@ class TextToImageEval(ScheduledEval):
         value = frechet_distance_from_stats(mu, sigma, *self._real_stats)
         results: dict[str, Any] = {"task": self.task_name, "step": step, "num_prompts": len(keys),
                                    "fid": {"metric": f"FID[{self._fid.extractor_name}]", "value": value}}  # fmt: skip
-        pl_module.log("eval/t2i_fid", value, rank_zero_only=True)
         if self._scenes:
             acc = shapes_attribute_accuracy_batch(fake, [self._scenes[k] for k in keys])
             results["attributes"] = {k: v for k, v in acc.items() if k != "per_image"}
-            for k in ("colour_accuracy", "shape_accuracy", "scene_accuracy"):
-                if acc[k] is not None:
-                    pl_module.log(f"eval/t2i_{k}", acc[k], rank_zero_only=True)
+        self.last_images, self.last_keys = fake, keys
         prompts = dict(self._prompts)
         results["samples"] = [{"key": k, "prompt": prompts[k]} for k in keys[:8]]
         self.history.append(results)
