@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow lint format bench clean
+.PHONY: demo-decoder setup demo test test-slow lint format bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml
+
+# The decoder stage on the newest `make demo` checkpoint.
+demo-decoder: $(STAMP)
+	@ckpt=$$(ls -t runs/tiny/lightning_logs/version_*/checkpoints/final.ckpt 2>/dev/null | head -1); \
+	if [ -z "$$ckpt" ]; then echo "no runs/tiny/.../final.ckpt: run 'make demo' first"; exit 1; fi; \
+	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml \
+		--model.init_checkpoint $$ckpt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -36,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/rices.py
 	$(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/generation.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

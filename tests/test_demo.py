@@ -40,3 +40,44 @@ def test_full_demo_learns_to_caption(tmp_path):
     after = results["few_shot_after"]
     assert after["captioning 0-shot"] >= 60 and after["captioning 4-shot"] >= 60
     assert after["vqa 0-shot"] >= 50 and after["vqa 4-shot"] >= 50
+
+
+def test_decoder_stage_demo_then_generate_from_the_command_line(tmp_path, capsys):
+    """The documented second step on a stage-1 checkpoint, then `python -m emu_lightning.generate` on its result."""
+    import torch
+
+    from emu_lightning import generate
+    from emu_lightning.cli import cli
+    from emu_lightning.tokenizer import tokenizer_to_state
+
+    stage1 = cli(["--config", "configs/tiny.yaml"], run=False).model
+    ckpt = tmp_path / "stage1.ckpt"
+    torch.save({"state_dict": stage1.state_dict(), "emu_tokenizer": tokenizer_to_state(stage1.tokenizer)}, ckpt)
+    fast = tmp_path / "fast.yaml"  # a few prompts and sampling steps, so the test stays quick
+    fast.write_text(
+        "trainer:\n  callbacks:\n    - class_path: emu_lightning.eval.callbacks.TextToImageEval\n"
+        "      init_args: {num_prompts: 8, steps: 2, guidance_scale: 3.0}\n"
+    )
+    results = demo.main(
+        [
+            "--config", "configs/tiny.yaml", "--config", "configs/stages/decoder.yaml", "--config", str(fast),
+            f"--model.init_checkpoint={ckpt}", f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", "--data.init_args.val_size=16", "--show", "3",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert results["steps"] == 4 and results["fid_metric"] == "FID[shapes-colour-hist-v1]"
+    assert 0.0 <= results["after"]["colour_accuracy"] <= 1.0 and results["after"]["fid"] >= 0.0
+    assert "colour accuracy" in out and "row 2:" in out
+    grid = next((tmp_path / "run").rglob("text_to_image_grid.png"))
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 32 + 3 * 2, 3 * 32 + 4 * 2)  # 3 rows of real | generated
+    final = next((tmp_path / "run").rglob("checkpoints/final.ckpt"))
+    images = generate.main(["--ckpt", str(final), "a small red circle.", "--steps", "2", "--num", "2",
+                            "--out", str(tmp_path / "t2i.png")])  # fmt: skip
+    assert images.shape == (2, 3, 32, 32) and (tmp_path / "t2i.png").exists()
+    blended = generate.main(["--ckpt", str(final), "--blend", str(grid), str(grid), "--steps", "2", "--num", "1",
+                             "--out", str(tmp_path / "blend.png")])  # fmt: skip
+    assert blended.shape == (1, 3, 32, 32)

@@ -1,6 +1,8 @@
 """``make demo``: train the tiny Emu on ShapesWorld on CPU and show what it learned.
 
     python -m emu_lightning.demo [--config configs/tiny.yaml] [--num-eval 200] [extra CLI overrides ...]
+    python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml \
+        --model.init_checkpoint runs/tiny/lightning_logs/version_0/checkpoints/final.ckpt    # the decoder stage
 
 Prints held-out images' generated captions beside their references, the held-out cross-entropy before
 and after training, the share of held-out captions that name exactly the right coloured shapes, and the
@@ -22,7 +24,7 @@ import torch
 
 from emu_lightning.cli import cli
 from emu_lightning.data.modules import ShapesWorldDataModule
-from emu_lightning.eval.callbacks import FewShotEval
+from emu_lightning.eval.callbacks import FewShotEval, TextToImageEval
 from emu_lightning.model import EmuModel
 
 
@@ -91,18 +93,70 @@ def few_shot_scores(trainer: Any, model: EmuModel) -> dict[str, float]:
     return scores
 
 
+def text_to_image_demo(trainer: Any, model: EmuModel, dm: ShapesWorldDataModule, show: int) -> dict[str, Any]:
+    """The decoder stage: text-to-image scores before and after training the decoder, and a grid of held-out
+    prompts' real images (odd columns) beside the generated ones (even columns)."""
+    from torchvision.utils import save_image
+
+    evals = [c for c in trainer.callbacks if isinstance(c, TextToImageEval)]
+    if not evals:
+        raise SystemExit("the decoder demo needs a TextToImageEval callback (configs/stages/decoder.yaml has one)")
+    t2i = evals[0]
+    trainer.datamodule = dm  # the held-out prompts come from the datamodule's ShapesWorld
+
+    def scores() -> dict[str, float]:
+        done = t2i.history[-1] if t2i.history else None
+        if done is None or done["step"] != trainer.global_step:
+            done = t2i.evaluate(trainer, model)
+        return {"fid": done["fid"]["value"], **{k: v for k, v in done.get("attributes", {}).items()
+                                               if k.endswith("accuracy") and v is not None}}  # fmt: skip
+
+    print("text-to-image with the untrained decoder ...", flush=True)
+    before = scores()
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    train_seconds = time.perf_counter() - start
+    after = scores()
+    metric = t2i.history[-1]["fid"]["metric"]
+
+    out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    world, keys = dm.world, t2i.last_keys[:show]
+    real = [world.image("val", k) for k in keys]
+    pairs = [img for r, g in zip(real, t2i.last_images[:show]) for img in (r, g)]
+    save_image(torch.stack(pairs), out_dir / "text_to_image_grid.png", nrow=2, padding=2, pad_value=1.0)
+    prompts = dict(t2i._prompts)
+    print(f"\nheld-out prompts after {trainer.global_step} decoder steps ({train_seconds:.0f} s); "
+          f"grid (real | generated, one row each): {out_dir / 'text_to_image_grid.png'}")  # fmt: skip
+    for row, k in enumerate(keys):
+        print(f"  row {row}: {prompts[k]}")
+    print(f"\n{'text-to-image (' + str(len(t2i.last_keys)) + ' held-out prompts)':<44} {'before':>8} {'after':>8}")
+    for name in after:
+        label = metric if name == "fid" else name.replace("_", " ")
+        print(f"{label:<44} {before.get(name, float('nan')):>8.3f} {after[name]:>8.3f}")
+    results = {"stage": "decoder", "steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
+               "fid_metric": metric, "before": before, "after": after,
+               "prompts": [prompts[k] for k in keys]}  # fmt: skip
+    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt")
+    (out_dir / "demo.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "prompts"}))
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--config", action="append", help="config file(s), stacked (default: configs/tiny.yaml)")
     parser.add_argument("--num-eval", type=int, default=200, help="held-out images to caption after training")
     parser.add_argument("--show", type=int, default=10, help="captions to print")
     args, overrides = parser.parse_known_args(argv)
 
     torch.manual_seed(0)
-    run = cli(["--config", args.config, *overrides], run=False)
+    configs = args.config or ["configs/tiny.yaml"]
+    run = cli([a for c in configs for a in ("--config", c)] + overrides, run=False)
     model, dm, trainer = run.model, run.datamodule, run.trainer
     if not isinstance(dm, ShapesWorldDataModule):
         raise SystemExit(f"the demo needs a ShapesWorldDataModule, the config gives {type(dm).__name__}")
+    if model.stage == "decoder":
+        return text_to_image_demo(trainer, model, dm, args.show)
 
     before = heldout_losses(model, dm)
     untrained_acc, _ = caption_accuracy(model, dm, min(args.num_eval, 64))

@@ -1,0 +1,116 @@
+"""Image generation speed: the KV-cached regression loop against a full forward pass per embedding, and decoding.
+
+    .venv/bin/python benchmarks/generation.py            # tiny (Q = 8) and small (Q = 32) models, ~1-2 min
+    .venv/bin/python benchmarks/generation.py --quick    # tiny only, a smoke test
+
+Prints one JSON line per model.
+
+Method (one process, fp32, ``torch.set_num_threads`` = the usable cores, random weights: speed does not
+depend on them):
+
+- Models: ``tiny`` is ``configs/tiny.yaml`` (LLM width 128, 3 layers, Q = 8) with its pixel-space
+  ``DiffusionDecoder``; ``small`` is ``benchmarks/train_throughput.py``'s small config (LLM of 52M
+  parameters, width 512, 16 layers, Q = 32).
+- Regression: ``EmuModel.regress_image_embeddings`` on ``--batch`` text prompts (held-out ShapesWorld
+  captions), with the KV cache (one LLM step per embedding) and without it (the paper's released code:
+  the whole sequence runs again for each of the Q embeddings). The contenders alternate for ``--repeats``
+  rounds; medians are reported and ``kv_speedup = uncached_s / cached_s``. ``max_abs_diff`` compares the
+  two outputs.
+- Decoding (tiny only, where the decoder is defined): ``decoder.sample`` of the regressed embeddings with
+  ``--steps`` DDIM steps and classifier-free guidance 7.5 (two UNet branches in one batch);
+  ``images_per_s = batch / median time``.
+"""
+
+# ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch loads the OpenMP runtime)
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/train_throughput.py: shared cores
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from emu_lightning.cli import cli
+from emu_lightning.data.world import ShapesWorld
+from emu_lightning.model import EmuModel
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def tiny_model() -> EmuModel:
+    torch.manual_seed(0)
+    return cli(["--config", "configs/tiny.yaml", "--config", "configs/stages/decoder.yaml"], run=False).model
+
+
+def small_model() -> EmuModel:
+    from train_throughput import SMALL, build_model  # benchmarks/ is on sys.path when run as a script
+
+    torch.manual_seed(0)
+    return build_model(SMALL, "default")
+
+
+def bench(name: str, model: EmuModel, args: argparse.Namespace) -> dict[str, Any]:
+    model.eval()
+    world = ShapesWorld(image_size=model.vision.image_size)
+    prompts = [world.captions(world.scene("val", i))[0] for i in range(args.batch)]
+    model.regress_image_embeddings(prompts)  # warm-up
+    cached, uncached = [], []
+    for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
+        t, a = median_time(lambda: model.regress_image_embeddings(prompts), 1)
+        cached.append(t)
+        t, b = median_time(lambda: model.regress_image_embeddings(prompts, use_cache=False), 1)
+        uncached.append(t)
+    record: dict[str, Any] = {
+        "model": name,
+        "queries": model.num_queries,
+        "llm_layers": model.llm.model.config.num_hidden_layers,
+        "llm_width": model.llm.hidden_size,
+        "batch": args.batch,
+        "cached_s": round(statistics.median(cached), 4),
+        "uncached_s": round(statistics.median(uncached), 4),
+        "kv_speedup": round(statistics.median(uncached) / statistics.median(cached), 2),
+        "max_abs_diff": float((a - b).abs().max()),
+    }
+    if model.decoder is not None:
+        condition = model.regress_image_embeddings(prompts)
+        t, images = median_time(lambda: model.decode_embeddings(condition, 7.5, args.steps), args.repeats)
+        record.update({"decode_steps": args.steps, "decode_s": round(t, 3), "images_per_s": round(args.batch / t, 2),
+                       "image_shape": list(images.shape[1:])})  # fmt: skip
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the tiny model only, fewer rounds")
+    p.add_argument("--batch", type=int, default=8, help="prompts per call")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps for decoding")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.steps = 2, 5
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    models = [("tiny", tiny_model)] + ([] if args.quick else [("small", small_model)])
+    for name, build in models:
+        record = bench(name, build(), args)
+        print(json.dumps({**record, "threads": threads, "torch": torch.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
