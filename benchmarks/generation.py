@@ -16,6 +16,9 @@ depend on them):
   the whole sequence runs again for each of the Q embeddings). The contenders alternate for ``--repeats``
   rounds; medians are reported and ``kv_speedup = uncached_s / cached_s``. ``max_abs_diff`` compares the
   two outputs.
+- OpenMP: ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` here, as in the other benchmarks (robust on shared cores),
+  which slows the cached loop's many tiny operations; set ``OMP_WAIT_POLICY=ACTIVE`` (OpenMP's own default,
+  what a plain ``python`` gets) on an idle machine to measure what users see. The JSON line records it.
 - Decoding (tiny only, where the decoder is defined): ``decoder.sample`` of the regressed embeddings with
   ``--steps`` DDIM steps and classifier-free guidance 7.5 (two UNet branches in one batch);
   ``images_per_s = batch / median time``.
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     models = [("tiny", tiny_model)] + ([] if args.quick else [("small", small_model)])
     for name, build in models:
         record = bench(name, build(), args)
-        print(json.dumps({**record, "threads": threads, "torch": torch.__version__}), flush=True)
+        print(json.dumps({**record, "threads": threads, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                          "torch": torch.__version__}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
