@@ -17,14 +17,13 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from emu_lightning.cli import cli
 from emu_lightning.data.modules import ShapesWorldDataModule
-from emu_lightning.eval.callbacks import FewShotEval, TextToImageEval
+from emu_lightning.eval.callbacks import FewShotEval, TextToImageEval, run_dir
 from emu_lightning.model import EmuModel
 
 
@@ -85,10 +84,7 @@ def few_shot_scores(trainer: Any, model: EmuModel) -> dict[str, float]:
     for callback in trainer.callbacks:
         if not isinstance(callback, FewShotEval):
             continue
-        done = callback.history[-1] if callback.history else None
-        if done is None or done["step"] != trainer.global_step:
-            done = callback.evaluate(trainer, model)
-        for shots, r in done["shots"].items():
+        for shots, r in callback.results_now(trainer, model)["shots"].items():
             scores[f"{callback.task_name} {shots}-shot"] = r["mean"]
     return scores
 
@@ -105,9 +101,7 @@ def text_to_image_demo(trainer: Any, model: EmuModel, dm: ShapesWorldDataModule,
     trainer.datamodule = dm  # the held-out prompts come from the datamodule's ShapesWorld
 
     def scores() -> dict[str, float]:
-        done = t2i.history[-1] if t2i.history else None
-        if done is None or done["step"] != trainer.global_step:
-            done = t2i.evaluate(trainer, model)
+        done = t2i.results_now(trainer, model)
         return {"fid": done["fid"]["value"], **{k: v for k, v in done.get("attributes", {}).items()
                                                if k.endswith("accuracy") and v is not None}}  # fmt: skip
 
@@ -119,7 +113,7 @@ def text_to_image_demo(trainer: Any, model: EmuModel, dm: ShapesWorldDataModule,
     after = scores()
     metric = t2i.history[-1]["fid"]["metric"]
 
-    out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    out_dir = run_dir(trainer)
     world, keys = dm.world, t2i.last_keys[:show]
     real = [world.image("val", k) for k in keys]
     pairs = [img for r, g in zip(real, t2i.last_images[:show]) for img in (r, g)]
@@ -208,14 +202,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if scores_after:
         metric = {"captioning": "CIDEr", "vqa": "VQA accuracy"}
-        reports = Path(trainer.log_dir or trainer.default_root_dir) / "eval"
-        print(f"\nheld-out few-shot evaluation (reports in {reports}):")
+        print(f"\nheld-out few-shot evaluation (reports in {run_dir(trainer) / 'eval'}):")
         print(f"{'':<28} {'before':>8} {'after':>8}")
         for name, value in scores_after.items():
             task, shots = name.split(" ")
             label = f"{metric.get(task, task)} {shots}"
             print(f"{label:<28} {scores_before.get(name, float('nan')):>8.1f} {value:>8.1f}")
-    out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    out_dir = run_dir(trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The trained weights as evaluated here, whichever way training stopped (max_steps or max_time).
     trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt")

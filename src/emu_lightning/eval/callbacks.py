@@ -57,6 +57,16 @@ class ScheduledEval(Callback):
         if self.on_validation and not trainer.sanity_checking:
             self.run(trainer, pl_module)
 
+    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def results_now(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
+        """The results for the weights as they are: the last evaluation if it was at this step (e.g. the validation
+        that ends training), else a new :meth:`evaluate`."""
+        if self.history and self.history[-1]["step"] == _weights_step(trainer, pl_module):
+            return self.history[-1]
+        return self.evaluate(trainer, pl_module)
+
     def run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
         try:
             return self._run(trainer, pl_module)
@@ -121,7 +131,7 @@ class FewShotEval(ScheduledEval):
         raise NotImplementedError
 
     def build(self, trainer: L.Trainer, pl_module: Any) -> FewShotTask:
-        root = _run_dir(trainer)
+        root = run_dir(trainer)
         queries, support = self.examples(trainer, pl_module, root / "eval_data")
         if self.num_queries is not None:
             queries = queries[: self.num_queries]
@@ -152,7 +162,7 @@ class FewShotEval(ScheduledEval):
                    **task.evaluate(pl_module, shard, gather=_gather, on_progress=progress)}  # fmt: skip
         self.history.append(results)
         if trainer.is_global_zero:
-            _write_report(_run_dir(trainer) / "eval", results)
+            _write_report(run_dir(trainer) / "eval", results)
         return results
 
 
@@ -340,7 +350,7 @@ class TextToImageEval(ScheduledEval):
                 return torch.stack([im for im in images if im is not None])
 
             source = f"{Path(self.captions_json).stem}-{self.num_prompts}-seed{self.seed}-{self.real_size}px"
-        cache = Path(self.stats_cache_dir) if self.stats_cache_dir else _run_dir(trainer) / "eval" / "fid_stats"
+        cache = Path(self.stats_cache_dir) if self.stats_cache_dir else run_dir(trainer) / "eval" / "fid_stats"
         name = f"{source}-{self._fid.extractor_name}".replace("/", "_")
         self._real_stats = cached_feature_stats(cache, name, lambda: self._features(real()),
                                                 {"source": source, "extractor": self._fid.extractor_name})  # fmt: skip
@@ -404,7 +414,7 @@ class TextToImageEval(ScheduledEval):
         if trainer.is_global_zero:
             from torchvision.utils import save_image
 
-            folder = _run_dir(trainer) / "eval"
+            folder = run_dir(trainer) / "eval"
             folder.mkdir(parents=True, exist_ok=True)
             save_image(fake[:64], folder / f"text_to_image-step{step:07d}.png", nrow=8)
             (folder / f"text_to_image-step{step:07d}.json").write_text(json.dumps(results, indent=2, default=str))
@@ -443,7 +453,8 @@ def _gather(predictions: dict[int, str]) -> dict[int, str]:
     return merged
 
 
-def _run_dir(trainer: L.Trainer) -> Path:
+def run_dir(trainer: L.Trainer) -> Path:
+    """Where a run's reports go: the logger's version folder, or the trainer's root without a logger."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
