@@ -97,6 +97,7 @@ class EmuModel(L.LightningModule):
         self._check_widths()
         self.lr_multipliers = _check_names(lr_multipliers or {}, "lr_multipliers")
         self.checkpoint_step: int | None = None  # set when weights come from a checkpoint
+        self._uncondition: Tensor | None = None  # the decoder stage's unconditional branch, computed once per fit
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} must be one of {list(STAGES)}")
         if decoder_condition not in ("regressed", "autoencoder"):
@@ -252,8 +253,12 @@ class EmuModel(L.LightningModule):
             else:
                 prompts = [ids[i, : int(starts[i][0])] for i in keep]
                 condition = self._regress(*self._left_pad(prompts))
-            uncondition = self.regress_image_embeddings([[]])
-        return {"decoder": self.decoder.loss(images, condition, uncondition)}
+            if self._uncondition is None:  # Emu is frozen in this stage: the empty prompt's regression is fixed
+                self._uncondition = self.regress_image_embeddings([[]])
+        return {"decoder": self.decoder.loss(images, condition, self._uncondition)}
+
+    def on_train_start(self) -> None:
+        self._uncondition = None  # weights may have been loaded since the last fit
 
     def stage_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         if self.stage == "decoder":
@@ -380,22 +385,23 @@ class EmuModel(L.LightningModule):
 
     # ------------------------------------------------------------------ image generation
     def _left_pad(self, prompts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Token-id prompts to a left-padded ``(B, T + 1)`` batch ending with ``[IMG]``, and its mask."""
-        length = max(len(p) for p in prompts) + 1
+        """Token-id prompts to a left-padded ``(B, T)`` batch and its mask."""
+        length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
-            ids[i, length - len(p) - 1 : -1], mask[i, length - len(p) - 1 :] = p, 1
-        ids[:, -1] = self.img_start_id
-        return ids.to(self.device), mask.to(self.device)
+            ids[i, length - len(p) :], mask[i, length - len(p) :] = p, 1
+        return ids, mask
 
     def _regress(self, ids: Tensor, mask: Tensor, images: Tensor | None = None, use_cache: bool = True) -> Tensor:
-        """Q visual embeddings ``(B, Q, D)`` regressed one after another from prompts ending with ``[IMG]``.
+        """Q visual embeddings ``(B, Q, D)`` regressed one after another after left-padded prompts and ``[IMG]``.
 
         Each prediction is fed back as the next input embedding, as the ``<image>`` slots are in training.
         With ``use_cache`` each step feeds one embedding to the KV cache; without it, every step runs the
         whole sequence again (the paper's released code); both give the same embeddings.
         """
+        ids = torch.cat([ids, torch.full_like(ids[:, :1], self.img_start_id)], 1).to(self.device)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1).to(self.device)
         embeds = self.embed(ids, images)
         if ids.shape[1] + self.num_queries > self.llm_max_positions():
             raise ValueError(
@@ -434,10 +440,8 @@ class EmuModel(L.LightningModule):
         batch = self.sequencer.with_options(padding_side="left", add_eos=False)(items)
         if batch["truncated"].any():
             raise ValueError(f"prompt longer than max_length {self.max_length} tokens (too many images or words)")
-        ids = torch.cat([batch["input_ids"], torch.full_like(batch["input_ids"][:, :1], self.img_start_id)], 1)
-        mask = torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)
         with self._inference():
-            return self._regress(ids.to(self.device), mask.to(self.device), batch["images"], use_cache=use_cache)
+            return self._regress(batch["input_ids"], batch["attention_mask"], batch["images"], use_cache=use_cache)
 
     def generate_image(
         self,
