@@ -55,9 +55,9 @@ def test_generation_bad_input():
         make_model(stage="finetune")
 
 
-def decoder():
+def decoder(**kwargs):
     torch.manual_seed(0)
-    return DiffusionDecoder(cond_dim=32, image_size=16, unet={"block_out_channels": (16, 32)})
+    return DiffusionDecoder(cond_dim=32, image_size=16, unet={"block_out_channels": (16, 32)}, **kwargs)
 
 
 def test_generate_image_text_in_context_and_blend():
@@ -94,7 +94,8 @@ def _fit(model, steps=2, **data):
 
 @pytest.mark.parametrize("condition", ["regressed", "autoencoder"])
 def test_decoder_stage_trains_only_the_decoder(condition):
-    model = make_model(num_queries=4, decoder=decoder(), stage="decoder", decoder_condition=condition)
+    spatial = dict(num_queries=4, spatial_condition=4, spatial_grid=4, sketch_weight=1.0, condition_norm=True)
+    model = make_model(num_queries=4, decoder=decoder(**spatial), stage="decoder", decoder_condition=condition)
     assert set(model.frozen) == {"vision", "resampler", "llm"}
     groups = model.configure_optimizers().param_groups  # no scheduler: the bare optimizer
     assert {g["name"].removesuffix("_no_decay") for g in groups} == {"decoder"}
@@ -107,6 +108,13 @@ def test_decoder_stage_trains_only_the_decoder(condition):
         batch = model.sequencer([[img(0), "a red circle."]])
         with pytest.raises(ValueError, match="text-then-image"):
             model.decoder_losses(batch)
+
+
+def test_decoder_must_fit_the_visual_embeddings():
+    with pytest.raises(ValueError, match="decoder num_queries 5 does not match the resampler's 4 embeddings"):
+        make_model(num_queries=4, decoder=decoder(num_queries=5))
+    with pytest.raises(ValueError, match="decoder cond_dim 24 does not match the visual embeddings' width 32"):
+        make_model(num_queries=4, decoder=DiffusionDecoder(cond_dim=24, image_size=16))
 
 
 def test_init_checkpoint_loads_every_component_it_holds(tmp_path):

@@ -158,6 +158,13 @@ class EmuModel(L.LightningModule):
             ) from None
         if tuple(out.shape[1:]) != (r.num_queries, r.out_dim):
             raise ValueError(f"resampler returned {tuple(out.shape[1:])}, expected ({r.num_queries}, {r.out_dim})")
+        dec = self.decoder
+        if dec is not None and getattr(dec, "cond_dim", r.out_dim) != r.out_dim:
+            raise ValueError(f"decoder cond_dim {dec.cond_dim} does not match the visual embeddings' width {r.out_dim}")
+        if dec is not None and getattr(dec, "num_queries", None) not in (None, r.num_queries):
+            raise ValueError(
+                f"decoder num_queries {dec.num_queries} does not match the resampler's {r.num_queries} embeddings"
+            )
 
     def _load_tokenizer(self, path: str | None) -> Any:
         if on_meta_device() and path is not None and not Path(path).is_dir():

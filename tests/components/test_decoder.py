@@ -249,3 +249,75 @@ def test_condition_norm_removes_what_all_conditions_share():
     shared = torch.randn(16) * 10  # a large component common to every image's embeddings
     torch.testing.assert_close(loss(cond + shared), loss(cond), atol=1e-4, rtol=1e-4)
     assert decoder.condition_norm.running_mean.abs().sum() > 0  # statistics kept for sampling
+
+
+def test_per_embedding_condition_norm():
+    decoder = make(condition_norm=True, condition_dropout=0.0, num_queries=4).train()
+    assert decoder.condition_norm.running_mean.shape == (4 * 16,)
+    images, cond = data(b=4)
+
+    def loss(c):
+        torch.manual_seed(1)
+        return decoder.loss(images, c)
+
+    per_token = torch.randn(4, 16) * 10  # a large component that differs between the Q embeddings
+    torch.testing.assert_close(loss(cond + per_token), loss(cond), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"expected condition \(2, 4, 16\)"):
+        decoder.loss(images[:2], torch.randn(2, 5, 16))
+
+
+def test_spatial_condition_and_sketch_loss():
+    decoder = make(num_queries=4, spatial_condition=5, spatial_grid=4, spatial_hidden=32, condition_dropout=0.0)
+    assert decoder.unet.config.in_channels == 3 + 5
+    images, cond = data(b=3)
+    assert decoder.spatial(cond).shape == (3, 5, 4, 4)
+    out = sample(decoder, cond, torch.zeros(1, 4, 16), steps=2, guidance_scale=2.0)
+    assert out.shape == (3, 3, 8, 8)
+    # the map is the only way the condition reaches the UNet once cross-attention and pooling are cut off
+    for m in decoder.unet.modules():
+        if isinstance(m, Attention) and m.is_cross_attention:
+            m.to_v.weight.data.zero_()
+    with torch.no_grad():
+        decoder.spatial.proj[-1].bias.add_(torch.randn(5 * 16))
+    assert not torch.allclose(sample(decoder, cond, steps=2, guidance_scale=1.0),
+                              sample(decoder, cond * 3, steps=2, guidance_scale=1.0))  # fmt: skip
+
+    with_sketch = make(num_queries=4, spatial_condition=5, spatial_grid=4, sketch_weight=2.0, condition_dropout=0.0)
+    without = make(num_queries=4, spatial_condition=5, spatial_grid=4, condition_dropout=0.0)
+
+    def loss(d, **kwargs):
+        torch.manual_seed(1)
+        return d.loss(images, cond, **kwargs)
+
+    coarse = with_sketch.spatial(cond)
+    target = F.avg_pool2d(images * 2 - 1, 2)  # 8 px pooled to the 4x4 grid, in the UNet's [-1, 1] space
+    expected = 2.0 * (coarse[:, :3] - target).pow(2).mean()
+    torch.testing.assert_close(loss(with_sketch) - loss(without), expected, atol=1e-5, rtol=1e-4)
+
+    dropped = make(num_queries=4, spatial_condition=5, spatial_grid=4, sketch_weight=2.0, condition_dropout=1.0)
+    no_sketch = make(num_queries=4, spatial_condition=5, spatial_grid=4, condition_dropout=1.0)
+    torch.testing.assert_close(loss(dropped.train()), loss(no_sketch.train()))  # dropped rows draw no sketch
+
+
+def test_spatial_condition_widens_a_pretrained_unet(sd_folder):
+    root, saved = sd_folder
+    d = DiffusionDecoder(cond_dim=16, pretrained=str(root), image_size=16, num_queries=3, spatial_condition=6)
+    weight = d.unet.conv_in.weight
+    assert weight.shape[1] == 4 + 6 and d.unet.config.in_channels == 10
+    assert torch.equal(weight[:, :4], saved["conv_in.weight"]) and not weight[:, 4:].any()  # zero: output unchanged
+    assert torch.equal(d.unet.conv_in.bias, saved["conv_in.bias"])
+    x = torch.randn(2, 4, 8, 8)
+    cond = torch.randn(2, 3, 16)
+    plain = DiffusionDecoder(cond_dim=16, pretrained=str(root), image_size=16)
+    torch.testing.assert_close(d._unet(x, torch.tensor([10, 10]), cond), plain._unet(x, torch.tensor([10, 10]), cond))
+
+
+def test_spatial_condition_errors():
+    with pytest.raises(ValueError, match="spatial_condition needs num_queries"):
+        make(spatial_condition=4)
+    with pytest.raises(ValueError, match="sketch_weight needs spatial_condition >= 3"):
+        make(num_queries=4, spatial_condition=2, sketch_weight=1.0)
+    with pytest.raises(ValueError, match="spatial_grid 3 must divide"):
+        make(num_queries=4, spatial_condition=4, spatial_grid=3)
+    with pytest.raises(ValueError, match="must not be negative"):
+        make(num_queries=4, sketch_weight=-1.0)

@@ -44,3 +44,19 @@ def test_bad_mixture_arguments():
         ShapesWorldDataModule(vqa_prob=1.5)
     with pytest.raises(ValueError, match="examples_per_sample 0"):
         ShapesWorldDataModule(examples_per_sample=0)
+
+
+def test_caption_choice():
+    world = ShapesWorld()
+    ds = ShapesWorldPairs(world, "train", 60, image_first_prob=0.0, captions=[1, 2])
+    for i in range(60):
+        caption = ds[i]["items"][0]
+        assert caption in world.captions(world.scene("train", i))[1:3]
+    used = {ds[i]["items"][0].split(" ")[0] for i in range(60)}
+    assert "there" in used and "a" in used or "an" in used  # both positional captions occur
+    default = ShapesWorldPairs(world, "train", 60, image_first_prob=0.0)
+    assert default.captions == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"captions \[5\] must be a non-empty list of indices below 5"):
+        ShapesWorldDataModule(captions=[5])
+    with pytest.raises(ValueError, match="non-empty"):
+        ShapesWorldDataModule(captions=[])

@@ -68,10 +68,21 @@ class DiffusionDecoder(VisualDecoder):
             (diffusers' ``class_embed_type="projection"``), so every ResNet block sees the condition, not only the
             cross-attention layers; the tiny decoder learns to follow its prompt much sooner with it. Only for a
             UNet built here.
-        condition_norm: standardise each condition dimension with running batch statistics (a non-affine
-            ``BatchNorm1d`` over all Q tokens) before the UNet sees it. Emu's visual embeddings share a large
-            component across images (on tiny ShapesWorld about 90% of their variance), which this removes, so
-            what tells images apart is not drowned in it.
+        condition_norm: standardise the condition with running batch statistics (a non-affine ``BatchNorm1d``)
+            before the UNet sees it: each (embedding, dimension) pair when ``num_queries`` is given, else each
+            dimension over all Q embeddings. Emu's visual embeddings share a large component across images (on
+            tiny ShapesWorld about 90% of their variance), which this removes, so what tells images apart is not
+            drowned in it.
+        num_queries: Q, the number of embeddings in a condition (the resampler's); needed by
+            ``spatial_condition``, and makes ``condition_norm`` per embedding.
+        spatial_condition: channels of a coarse map computed from all Q embeddings (flattened, through
+            :class:`SpatialCondition`) and concatenated, upsampled, to the UNet's input; 0: none. A pretrained
+            UNet's first convolution gets that many new zero-initialised input channels.
+        spatial_grid: side of that map (it must divide the UNet's input side).
+        spatial_hidden: hidden width of the map's MLP; 0: a single linear layer.
+        sketch_weight: weight of an auxiliary loss that makes the map's first channels predict the target
+            image (or latent) average-pooled to ``spatial_grid`` (a "sketch"), for the rows whose condition was
+            not dropped; 0: the map is learned through the diffusion loss alone.
     """
 
     def __init__(
@@ -88,12 +99,23 @@ class DiffusionDecoder(VisualDecoder):
         condition_dropout: float = 0.1,
         pooled_condition: bool = False,
         condition_norm: bool = False,
+        num_queries: int | None = None,
+        spatial_condition: int = 0,
+        spatial_grid: int = 8,
+        spatial_hidden: int = 0,
+        sketch_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if cond_dim <= 0 or image_size <= 0:
             raise ValueError(f"cond_dim ({cond_dim}) and image_size ({image_size}) must be positive")
         if not 0.0 <= condition_dropout <= 1.0:
             raise ValueError(f"condition_dropout {condition_dropout} must be in [0, 1]")
+        if num_queries is not None and num_queries <= 0:
+            raise ValueError(f"num_queries ({num_queries}) must be positive")
+        if spatial_condition < 0 or spatial_hidden < 0 or sketch_weight < 0:
+            raise ValueError("spatial_condition, spatial_hidden and sketch_weight must not be negative")
+        if spatial_condition and num_queries is None:
+            raise ValueError("spatial_condition needs num_queries (the number of embeddings in a condition)")
         root = Path(pretrained) if pretrained is not None else None
         if root is not None:
             if not root.is_dir():
@@ -114,6 +136,7 @@ class DiffusionDecoder(VisualDecoder):
 
         self.cond_dim, self.image_size, self.latent = cond_dim, image_size, bool(latent)
         self.condition_dropout = condition_dropout
+        self.sketch_weight = sketch_weight
         self.pretrained = pretrained
         load = root is not None and not on_meta_device()  # `inspect` builds on the meta device: configs only
 
@@ -139,7 +162,11 @@ class DiffusionDecoder(VisualDecoder):
             self.unet = _from_folder(UNet2DConditionModel, root, "unet", load)
         else:
             cfg = {**TINY_UNET, **(unet or {})}
-            fixed = {"in_channels": channels, "out_channels": channels, "cross_attention_dim": cond_dim}
+            fixed = {
+                "in_channels": channels + spatial_condition,
+                "out_channels": channels,
+                "cross_attention_dim": cond_dim,
+            }
             for key, value in fixed.items():
                 if cfg.setdefault(key, value) != value:
                     raise ValueError(f"unet {key}={cfg[key]} conflicts with the decoder's {key} {value}")
@@ -149,16 +176,30 @@ class DiffusionDecoder(VisualDecoder):
             self.unet = UNet2DConditionModel(**cfg)
         ucfg = self.unet.config
         space = "the VAE's latent space" if latent else "RGB pixel space"
-        if ucfg.in_channels != channels or ucfg.out_channels != channels:
+        extra = spatial_condition if root is None else 0  # a pretrained UNet is widened below
+        if ucfg.in_channels != channels + extra or ucfg.out_channels != channels:
             raise ValueError(
                 f"the UNet maps {ucfg.in_channels} to {ucfg.out_channels} channels, but {space} needs {channels}"
+                + (f" (plus {extra} spatial condition channels in)" if extra else "")
             )
         if getattr(ucfg, "encoder_hid_dim", None) is not None:
             raise ValueError("UNets with an encoder_hid_proj (encoder_hid_dim set) are not supported")
         if ucfg.cross_attention_dim != cond_dim:
             _replace_cross_attention_kv(self.unet, cond_dim)
+        if root is not None and spatial_condition:
+            _widen_conv_in(self.unet, spatial_condition)
         self.latent_channels, self.latent_size = channels, side
-        self.condition_norm = nn.BatchNorm1d(cond_dim, affine=False) if condition_norm else None
+        if sketch_weight and spatial_condition < channels:
+            raise ValueError(f"sketch_weight needs spatial_condition >= {channels} (the sketch's channels in {space})")
+        self.num_queries = num_queries
+        self.spatial = None
+        if spatial_condition:
+            self.spatial = SpatialCondition(
+                cond_dim, num_queries, spatial_condition, spatial_grid, side, spatial_hidden
+            )
+        self.condition_norm = None
+        if condition_norm:
+            self.condition_norm = nn.BatchNorm1d(cond_dim * (num_queries or 1), affine=False)
         self.pooled_condition = getattr(ucfg, "class_embed_type", None) == "projection"
         if pooled_condition and not self.pooled_condition:
             raise ValueError("pooled_condition needs a UNet built here (a pretrained one has no projection embedding)")
@@ -235,8 +276,14 @@ class DiffusionDecoder(VisualDecoder):
             target = signal * noise - sigma * x0
         else:
             target = x0
-        pred = self._unet(noisy, t, condition)
-        return F.mse_loss(pred.float(), target.float())
+        pred, coarse = self._unet(noisy, t, condition, return_coarse=True)
+        loss = F.mse_loss(pred.float(), target.float())
+        if self.sketch_weight > 0:
+            keep = ~drop if self.training and self.condition_dropout > 0 else torch.ones_like(t, dtype=torch.bool)
+            sketch = F.adaptive_avg_pool2d(x0, coarse.shape[-1])
+            err = (coarse[:, : x0.shape[1]].float() - sketch.float()).pow(2).mean(dim=(1, 2, 3))
+            loss = loss + self.sketch_weight * (err * keep).sum() / keep.sum().clamp(min=1)
+        return loss
 
     @torch.no_grad()
     def sample(
@@ -289,16 +336,24 @@ class DiffusionDecoder(VisualDecoder):
             self.train(was_training)
 
     # ------------------------------------------------------------------ helpers
-    def _unet(self, x: Tensor, t: Tensor, condition: Tensor) -> Tensor:
+    def _unet(self, x: Tensor, t: Tensor, condition: Tensor, return_coarse: bool = False) -> Any:
         if self.condition_norm is not None:
-            condition = self.condition_norm(condition.flatten(0, 1)).view_as(condition)
-        if not self.pooled_condition:
-            return self.unet(x, t, encoder_hidden_states=condition).sample
-        return self.unet(x, t, encoder_hidden_states=condition, class_labels=condition.mean(dim=1)).sample
+            flat = condition.flatten(1) if self.num_queries else condition.flatten(0, 1)
+            condition = self.condition_norm(flat).view_as(condition)
+        coarse = None
+        if self.spatial is not None:
+            coarse = self.spatial(condition)
+            up = F.interpolate(coarse, scale_factor=self.spatial.side // self.spatial.grid, mode="nearest")
+            x = torch.cat([x, up.to(x.dtype)], dim=1)
+        labels = condition.mean(dim=1) if self.pooled_condition else None
+        out = self.unet(x, t, encoder_hidden_states=condition, class_labels=labels).sample
+        return (out, coarse) if return_coarse else out
 
     def _check_condition(self, condition: Tensor, batch: int) -> Tensor:
-        if condition.dim() != 3 or condition.shape[0] != batch or condition.shape[-1] != self.cond_dim:
-            raise ValueError(f"expected condition ({batch}, Q, {self.cond_dim}), got shape {tuple(condition.shape)}")
+        q = self.num_queries or "Q"
+        if (condition.dim() != 3 or condition.shape[0] != batch or condition.shape[-1] != self.cond_dim
+                or condition.shape[1] != (self.num_queries or condition.shape[1])):  # fmt: skip
+            raise ValueError(f"expected condition ({batch}, {q}, {self.cond_dim}), got shape {tuple(condition.shape)}")
         return condition.to(self.unet.dtype)
 
     def _uncondition(self, uncondition: Tensor | None, condition: Tensor) -> Tensor:
@@ -312,6 +367,31 @@ class DiffusionDecoder(VisualDecoder):
                 f"got shape {tuple(uncondition.shape)}"
             )
         return uncondition.to(condition).expand(b, q, d)
+
+
+class SpatialCondition(nn.Module):
+    """The Q embeddings laid out as a coarse ``(channels, grid, grid)`` map for the UNet's input.
+
+    An MLP (or one linear layer) from all Q embeddings, flattened, to the map; the decoder upsamples it (nearest)
+    to the UNet's input side and concatenates it to the noisy input. Every pixel thus sees, from the first
+    convolution on, what the condition says about its part of the image; cross-attention at low resolution and
+    a pooled vector learn that only slowly. With ``DiffusionDecoder(sketch_weight=...)`` the first channels are
+    also trained to predict the pooled target image.
+    """
+
+    def __init__(self, cond_dim: int, num_queries: int, channels: int, grid: int, side: int, hidden: int = 0) -> None:
+        super().__init__()
+        if grid <= 0 or side % grid:
+            raise ValueError(f"spatial_grid {grid} must divide the UNet's input side {side}")
+        self.num_queries, self.grid, self.side = num_queries, grid, side
+        width = num_queries * cond_dim
+        out = channels * grid * grid
+        layers = [nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, out)] if hidden else [nn.Linear(width, out)]
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, condition: Tensor) -> Tensor:
+        """``(B, Q, D)`` embeddings to the coarse map ``(B, channels, grid, grid)``."""
+        return self.proj(condition.flatten(1)).view(condition.shape[0], -1, self.grid, self.grid)
 
 
 def _scheduler_class(name: str) -> type[SchedulerMixin]:
@@ -348,6 +428,21 @@ def _from_folder(cls: type, root: Path, subfolder: str, load: bool) -> nn.Module
         details = "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
         raise RuntimeError(f"weights in {str(root / subfolder)!r} do not match its config ({details})")
     return model
+
+
+def _widen_conv_in(unet: UNet2DConditionModel, extra: int) -> None:
+    """Add ``extra`` zero-initialised input channels to a pretrained UNet's first convolution (the InstructPix2Pix
+    recipe): the pretrained model's output is unchanged until the new channels' weights train."""
+    old: nn.Conv2d = unet.conv_in
+    new = nn.Conv2d(old.in_channels + extra, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    bias=old.bias is not None).to(device=old.weight.device, dtype=old.weight.dtype)  # fmt: skip
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=old.in_channels + extra)
 
 
 def _replace_cross_attention_kv(unet: UNet2DConditionModel, cond_dim: int) -> None:

@@ -32,6 +32,8 @@ class ShapesWorldPairs(Dataset):
         image_first_prob: probability that a pair's image precedes its caption.
         vqa_prob: probability that an example is a question-answer pair instead of a caption pair.
         examples_per_sample: examples chained in one sample.
+        captions: which of each scene's reference captions (by index into :meth:`ShapesWorld.captions`) a
+            pair may use, one drawn at random; all of them by default.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class ShapesWorldPairs(Dataset):
         image_first_prob: float = 0.5,
         vqa_prob: float = 0.0,
         examples_per_sample: int = 1,
+        captions: list[int] | None = None,
     ) -> None:
         for name, p in (("image_first_prob", image_first_prob), ("vqa_prob", vqa_prob)):
             if not 0.0 <= p <= 1.0:
@@ -50,6 +53,10 @@ class ShapesWorldPairs(Dataset):
             raise ValueError(f"examples_per_sample {examples_per_sample} must be at least 1")
         self.world, self.split, self.size, self.image_first_prob = world, split, size, image_first_prob
         self.vqa_prob, self.examples_per_sample = vqa_prob, examples_per_sample
+        available = len(world.captions(world.scene(split, 0)))
+        if captions is not None and (not captions or any(not 0 <= c < available for c in captions)):
+            raise ValueError(f"captions {captions} must be a non-empty list of indices below {available}")
+        self.captions = list(captions) if captions is not None else list(range(available))
 
     def __len__(self) -> int:
         return self.size
@@ -59,7 +66,7 @@ class ShapesWorldPairs(Dataset):
         image = self.world.render(scene, self.world.rng(self.split, index, stream=1))
         rng = self.world.rng(self.split, index, stream=2)
         references = self.world.captions(scene)
-        caption = references[int(rng.integers(len(references)))]
+        caption = references[self.captions[int(rng.integers(len(self.captions)))]]
         return ([image, caption] if rng.random() < self.image_first_prob else [caption, image]), references
 
     def _qa(self, index: int) -> tuple[list[Any], list[str]]:
@@ -128,6 +135,8 @@ class ShapesWorldDataModule(EmuDataModule):
         image_first_prob: probability that the image precedes its caption.
         vqa_prob: probability that an example is a ShapesWorld question with its answer.
         examples_per_sample: examples chained in one sample (few-shot-like interleaving).
+        captions: indices of the reference captions a pair may use (:meth:`ShapesWorld.captions`: 1 and 2
+            name every shape's position); all five by default.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         sequencer: a SequenceBuilder; by default the trained model's.
@@ -145,6 +154,7 @@ class ShapesWorldDataModule(EmuDataModule):
         image_first_prob: float = 0.5,
         vqa_prob: float = 0.0,
         examples_per_sample: int = 1,
+        captions: list[int] | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         sequencer: SequenceBuilder | None = None,
@@ -154,7 +164,12 @@ class ShapesWorldDataModule(EmuDataModule):
             image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, grid=grid, seed=seed
         )
         self.seed = seed
-        mix = dict(image_first_prob=image_first_prob, vqa_prob=vqa_prob, examples_per_sample=examples_per_sample)
+        mix = dict(
+            image_first_prob=image_first_prob,
+            vqa_prob=vqa_prob,
+            examples_per_sample=examples_per_sample,
+            captions=captions,
+        )
         self.train_set = ShapesWorldPairs(self.world, "train", train_size, **mix)
         self.val_set = ShapesWorldPairs(self.world, "val", val_size, **mix)
 
