@@ -89,6 +89,17 @@ def few_shot_scores(trainer: Any, model: EmuModel) -> dict[str, float]:
     return scores
 
 
+def save_run(trainer: Any, results: dict[str, Any], details: dict[str, Any]) -> None:
+    """Save the trained weights as evaluated here, whichever way training stopped (max_steps or max_time), as
+    ``<run>/checkpoints/final.ckpt``; write ``results`` and ``details`` to ``<run>/demo.json``; print ``results``."""
+    out_dir = run_dir(trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt")
+    print(f"checkpoint: {out_dir / 'checkpoints' / 'final.ckpt'}")
+    (out_dir / "demo.json").write_text(json.dumps({**results, **details}, indent=2))
+    print(json.dumps(results))
+
+
 def text_to_image_demo(trainer: Any, model: EmuModel, dm: ShapesWorldDataModule, show: int) -> dict[str, Any]:
     """The decoder stage: text-to-image scores before and after training the decoder, and a grid of held-out
     prompts' real images (odd columns) beside the generated ones (even columns)."""
@@ -130,9 +141,7 @@ def text_to_image_demo(trainer: Any, model: EmuModel, dm: ShapesWorldDataModule,
     results = {"stage": "decoder", "steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
                "fid_metric": metric, "before": before, "after": after,
                "prompts": [prompts[k] for k in keys]}  # fmt: skip
-    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt")
-    (out_dir / "demo.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k != "prompts"}))
+    save_run(trainer, {k: v for k, v in results.items() if k != "prompts"}, {"prompts": results["prompts"]})
     return results
 
 
@@ -208,13 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             task, shots = name.split(" ")
             label = f"{metric.get(task, task)} {shots}"
             print(f"{label:<28} {scores_before.get(name, float('nan')):>8.1f} {value:>8.1f}")
-    out_dir = run_dir(trainer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The trained weights as evaluated here, whichever way training stopped (max_steps or max_time).
-    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt")
-    print(f"checkpoint: {out_dir / 'checkpoints' / 'final.ckpt'}")
-    (out_dir / "demo.json").write_text(json.dumps({**results, "samples": rows[: args.show]}, indent=2))
-    print(json.dumps(results))
+    save_run(trainer, results, {"samples": rows[: args.show]})
     return results
 
 

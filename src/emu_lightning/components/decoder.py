@@ -258,6 +258,7 @@ class DiffusionDecoder(VisualDecoder):
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != size:
             raise ValueError(f"expected images (B, 3, {size[0]}, {size[1]}), got shape {tuple(images.shape)}")
         condition = self._check_condition(condition, images.shape[0])
+        drop = torch.zeros(condition.shape[0], dtype=torch.bool, device=condition.device)
         if self.training and self.condition_dropout > 0:
             drop = torch.rand(condition.shape[0], device=condition.device) < self.condition_dropout
             uncond = self._uncondition(uncondition, condition)
@@ -279,7 +280,7 @@ class DiffusionDecoder(VisualDecoder):
         pred, coarse = self._unet(noisy, t, condition, return_coarse=True)
         loss = F.mse_loss(pred.float(), target.float())
         if self.sketch_weight > 0:
-            keep = ~drop if self.training and self.condition_dropout > 0 else torch.ones_like(t, dtype=torch.bool)
+            keep = ~drop
             sketch = F.adaptive_avg_pool2d(x0, coarse.shape[-1])
             err = (coarse[:, : x0.shape[1]].float() - sketch.float()).pow(2).mean(dim=(1, 2, 3))
             loss = loss + self.sketch_weight * (err * keep).sum() / keep.sum().clamp(min=1)
@@ -350,10 +351,15 @@ class DiffusionDecoder(VisualDecoder):
         return (out, coarse) if return_coarse else out
 
     def _check_condition(self, condition: Tensor, batch: int) -> Tensor:
-        q = self.num_queries or "Q"
-        if (condition.dim() != 3 or condition.shape[0] != batch or condition.shape[-1] != self.cond_dim
-                or condition.shape[1] != (self.num_queries or condition.shape[1])):  # fmt: skip
-            raise ValueError(f"expected condition ({batch}, {q}, {self.cond_dim}), got shape {tuple(condition.shape)}")
+        q = self.num_queries
+        if (
+            condition.dim() != 3
+            or tuple(condition.shape[::2]) != (batch, self.cond_dim)
+            or q not in (None, condition.shape[1])
+        ):
+            raise ValueError(
+                f"expected condition ({batch}, {q or 'Q'}, {self.cond_dim}), got shape {tuple(condition.shape)}"
+            )
         return condition.to(self.unet.dtype)
 
     def _uncondition(self, uncondition: Tensor | None, condition: Tensor) -> Tensor:
