@@ -9,6 +9,7 @@ embeddings of the image, then the ``[/IMG]`` embedding (Q + 1 targets per image)
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
+from emu_lightning.data.streaming import batch_skips, format_skips
 from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder
 from emu_lightning.tokenizer import (
     EMU_TOKENS,
@@ -97,6 +99,8 @@ class EmuModel(L.LightningModule):
         self._check_widths()
         self.lr_multipliers = _check_names(lr_multipliers or {}, "lr_multipliers")
         self.checkpoint_step: int | None = None  # set when weights come from a checkpoint
+        self.data_skips: dict[str, Counter] = {}
+        """Samples the streaming readers skipped in this process's training batches, per source and reason."""
         self._uncondition: Tensor | None = None  # the decoder stage's unconditional branch, computed once per fit
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} must be one of {list(STAGES)}")
@@ -277,7 +281,21 @@ class EmuModel(L.LightningModule):
         losses = self.stage_losses(batch)
         n = batch["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=n)
+        self._count_skips(batch)
         return losses["loss"]
+
+    def _count_skips(self, batch: dict[str, Any]) -> None:
+        """Add the batch's skipped-sample counts (streaming sources) to :attr:`data_skips` and log the totals
+        as ``data/skipped/<source>/<reason>``."""
+        for source, reasons in batch_skips(batch).items():
+            total = self.data_skips.setdefault(source, Counter())
+            total.update(reasons)
+            for reason in reasons:
+                self.log(f"data/skipped/{source}/{reason}", float(total[reason]), reduce_fx="max", batch_size=1)
+
+    def on_fit_end(self) -> None:
+        if self.data_skips and self.trainer.is_global_zero:
+            print(f"samples skipped by the data readers on rank 0:\n{format_skips(self.data_skips)}", flush=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self.stage_losses(batch)

@@ -175,7 +175,7 @@ class SequenceBuilder:
         """Collate ``samples`` into ``input_ids``, ``attention_mask``, ``labels`` (B, T) and ``images`` (N, 3, H, W).
 
         ``image_counts`` (B,) gives each sample's number of kept images; ``truncated`` (B,) flags truncation.
-        Extra keys of dict samples (ids, references, ...) are passed through as lists.
+        Extra keys of dict samples (ids, references, ...) are passed through as lists (None where a sample lacks one).
         """
         if len(samples) == 0:
             raise ValueError("cannot build a batch from zero samples")
@@ -202,8 +202,8 @@ class SequenceBuilder:
             "image_counts": torch.tensor([len(e.images) for e in encoded], dtype=torch.long),
             "truncated": torch.tensor([e.truncated for e in encoded], dtype=torch.bool),
         }
-        if isinstance(samples[0], dict):
-            for key in samples[0]:
-                if key != "items" and key not in batch:
-                    batch[key] = [s.get(key) for s in samples]
+        extra = dict.fromkeys(k for s in samples if isinstance(s, dict) for k in s)  # every sample's keys, in order
+        for key in extra:
+            if key != "items" and key not in batch:
+                batch[key] = [s.get(key) if isinstance(s, dict) else None for s in samples]
         return batch

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from emu_lightning.data.streaming import StreamingSource
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import END_OF_CHUNK, SequenceBuilder
 
@@ -187,3 +188,38 @@ class ShapesWorldDataModule(EmuDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self.loader(self.val_set, shuffle=False)
+
+
+class StreamingDataModule(EmuDataModule):
+    """A DataModule over :class:`~emu_lightning.data.streaming.StreamingSource` readers: subclasses build the
+    training reader (shuffled, repeating) and optionally a held-out one (one pass, in order).
+
+    The readers split their units across ranks and workers themselves, so the loaders neither shuffle nor
+    use a sampler; skipped samples travel in each batch's ``skipped`` list and the model logs them.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, sequencer: SequenceBuilder | None, seed: int = 0) -> None:
+        super().__init__(batch_size, num_workers, sequencer)
+        self.seed = seed
+
+    def train_source(self) -> StreamingSource:
+        raise NotImplementedError
+
+    def val_source(self) -> StreamingSource | None:
+        return None
+
+    def stream_loader(self, source: StreamingSource) -> DataLoader:
+        return DataLoader(
+            source,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.resolve_sequencer(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.stream_loader(self.train_source())
+
+    def val_dataloader(self) -> DataLoader | list:
+        source = self.val_source()
+        return [] if source is None else self.stream_loader(source)

@@ -1,0 +1,361 @@
+"""Image-text pairs in img2dataset's webdataset layout: the LAION, CC3M, CC12M and COYO downloads.
+
+A dataset is a set of tar shards ``{00000..00099}.tar``. Each sample is a run of consecutive members sharing
+a key: ``<key>.jpg`` (or ``.jpeg`` / ``.png`` / ``.webp``), ``<key>.txt``, the caption, and ``<key>.json``,
+img2dataset's metadata (not read: the caption is the ``.txt`` member only, as img2dataset writes it, so a
+sample without one is skipped rather than guessed from the json). Shards are opened with ``webdataset``
+(local paths, ``file:``, ``pipe:cmd`` and the other schemes of ``webdataset.gopen``) and streamed member
+by member, so a shard is never held in memory whole.
+
+Skip reasons (each counts one sample, except ``unreadable_shard``, which counts one shard):
+
+- ``unreadable_shard``: the shard is missing, not a tar, or damaged (truncated); the samples read before
+  the damage are still used, the one being read when it was found is lost with it.
+- ``missing_image``: no image member for the key.
+- ``missing_caption``: no ``.txt`` member for the key.
+- ``empty_caption``: the ``.txt`` member is empty or whitespace only.
+- ``corrupt_image``: the image bytes do not decode (PIL fails, truncated bytes included).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import braceexpand
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from webdataset import TarWriter
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from emu_lightning.data.modules import EmuDataModule, StreamingDataModule
+from emu_lightning.data.streaming import Skip, StreamingSource
+from emu_lightning.data.world import ShapesWorld
+from emu_lightning.sequence import SequenceBuilder
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+"""Image members img2dataset writes, in the order a sample's image is looked for."""
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Expand brace patterns (``/d/{00000..00009}.tar``) in one URL or a list of them, keeping their order."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    return [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels over white (img2dataset's alpha matting) rather than their hidden colour."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, image_size: int) -> Tensor:
+    """Decode image bytes into a ``(3, S, S)`` float32 RGB tensor in ``[0, 1]``: the shorter side is resized to
+    ``S`` (bicubic), then the centre square is cropped. Raises whatever PIL raises on broken bytes."""
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()  # decode now, so truncated or corrupt bytes fail here
+        image = _to_rgb(opened)
+    width, height = image.size
+    if min(width, height) != image_size:
+        scale = image_size / min(width, height)
+        size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
+    image = image.crop((left, top, left + image_size, top + image_size))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+@contextmanager
+def opened(url: str) -> Iterator[IO[bytes]]:
+    """``webdataset.gopen(url)``, closed on the way out. At the end of a normal read a failed ``pipe:`` command
+    raises here; a read that stops early (damage, or a consumer that is done) closes the stream quietly, as
+    its command may then exit with an error that means nothing."""
+    stream = gopen(url)
+    try:
+        yield stream
+    except BaseException:
+        with suppress(Exception):
+            stream.close()
+        raise
+    stream.close()
+
+
+def tar_records(url: str, unreadable: str) -> Iterator[dict[str, Any] | Skip]:
+    """The samples of one tar shard, in shard order: ``{"__key__": key, extension: bytes, ...}`` for each run
+    of consecutive members with one key (a repeated extension starts a new sample, so no member is ever
+    paired with another sample's). A shard that cannot be opened or read to its end ends with one
+    ``Skip(unreadable)``; the samples completed before the damage are yielded first."""
+    errors: list[Exception] = []
+
+    def stop(error: Exception) -> bool:  # a bad member: remember why and stop reading the shard
+        errors.append(error)
+        return False
+
+    group: dict[str, Any] | None = None
+    try:
+        with opened(url) as stream:
+            for member in tar_file_iterator(stream, handler=stop):
+                key, extension = base_plus_ext(member["fname"])
+                if key is None:
+                    continue  # a member without an extension belongs to no sample
+                extension = extension.lower()
+                if group is not None and (key != group["__key__"] or extension in group):
+                    yield group
+                    group = None
+                group = group or {"__key__": key}
+                group[extension] = member["data"]
+    except Exception as error:  # missing file, not a tar, truncated header, failed pipe command, ...
+        errors.append(error)
+    if errors:
+        yield Skip(unreadable, f"{url}: {errors[0]}")
+    elif group is not None:
+        yield group
+
+
+def shuffled(records: Iterable[T], buffer_size: int, rng: np.random.Generator) -> Iterator[T]:
+    """``records`` in a random order drawn through a buffer of ``buffer_size`` (webdataset's shuffle): memory
+    stays bounded, and a unit no longer than the buffer is shuffled completely."""
+    buffer: list[T] = []
+    for record in records:
+        if len(buffer) < buffer_size:
+            buffer.append(record)
+            continue
+        k = int(rng.integers(buffer_size))
+        buffer[k], record = record, buffer[k]
+        yield record
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def check_image_size(datamodule: EmuDataModule, image_size: int) -> None:
+    """Raise when the attached model's vision backbone expects another image size than the data gives."""
+    model = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
+    vision = getattr(model, "vision", None)
+    if vision is not None and getattr(vision, "image_size", None) not in (None, image_size):
+        raise ValueError(
+            f"data image_size {image_size} does not match the vision backbone's image_size {vision.image_size}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- reader
+class ImageTextShards(StreamingSource):
+    """Image-text pairs from img2dataset webdataset shards; one unit per shard.
+
+    A sample is ``{"items": [image, caption]}`` (or caption first), ``"id"`` (the key) and ``"url"`` (the
+    shard); the image is a ``(3, S, S)`` float tensor in ``[0, 1]``. Bad samples become skips (see the module
+    docstring for the reasons), never exceptions.
+
+    Args:
+        urls: the shards: a brace pattern (``/data/{00000..00099}.tar``) or a list of them; local paths,
+            ``file:`` and ``pipe:cmd`` URLs (the command writes the tar to stdout).
+        image_size: side S of the square images: the shorter side is resized to S, then centre-cropped.
+        image_first_prob: probability that the image precedes its caption (else the caption comes first).
+        shuffle_buffer: with ``shuffle``, a shard's samples pass through a shuffle buffer this long.
+        name: the source's name in sample metadata and skip counts.
+        shuffle: shuffle the shards (a new order each pass) and the samples within each.
+        repeat: start a new pass when one ends (training); False: one pass.
+        seed: seeds the shard order, the in-shard shuffle and the image/caption order.
+        split_by_node: split the shards across distributed ranks.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        image_size: int,
+        image_first_prob: float = 0.5,
+        shuffle_buffer: int = 1000,
+        name: str = "pairs",
+        shuffle: bool = True,
+        repeat: bool = True,
+        seed: int = 0,
+        split_by_node: bool = True,
+    ) -> None:
+        super().__init__(name, shuffle=shuffle, repeat=repeat, seed=seed, split_by_node=split_by_node)
+        self.urls = expand_urls(urls)
+        if not self.urls:
+            raise ValueError(f"urls {urls!r} name no shard")
+        if image_size < 1:
+            raise ValueError(f"image_size {image_size} must be positive")
+        if not 0.0 <= image_first_prob <= 1.0:
+            raise ValueError(f"image_first_prob {image_first_prob} is not a probability")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer {shuffle_buffer} must be at least 1")
+        self.image_size, self.image_first_prob, self.shuffle_buffer = image_size, image_first_prob, shuffle_buffer
+
+    def units(self) -> list[str]:
+        return self.urls
+
+    def read(self, unit: str, rng: np.random.Generator) -> Iterator[dict[str, Any] | Skip]:
+        records = tar_records(unit, "unreadable_shard")
+        if self.shuffle:
+            records = shuffled(records, self.shuffle_buffer, rng)
+        for record in records:
+            yield record if isinstance(record, Skip) else self.pair(record, unit, rng)
+
+    def pair(self, record: dict[str, Any], url: str, rng: np.random.Generator) -> dict[str, Any] | Skip:
+        """One grouped tar sample as an interleaved sample, or the reason it cannot be one."""
+        key = record["__key__"]
+        where = f"{url}:{key}"
+        extension = next((e for e in IMAGE_EXTENSIONS if e in record), None)
+        if extension is None:
+            return Skip("missing_image", where)
+        if "txt" not in record:
+            return Skip("missing_caption", where)
+        caption = record["txt"].decode("utf-8", errors="replace").strip()
+        if not caption:
+            return Skip("empty_caption", where)
+        try:
+            image = decode_image(record[extension], self.image_size)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken bytes
+            return Skip("corrupt_image", f"{where}: {error}")
+        items = [image, caption] if rng.random() < self.image_first_prob else [caption, image]
+        return {"items": items, "id": key, "url": url}
+
+
+# ---------------------------------------------------------------------------------------------- writer
+def shard_pattern(root: str | Path, num_shards: int) -> str:
+    """The brace pattern naming shards ``00000.tar`` .. ``{num_shards - 1:05d}.tar`` under ``root``."""
+    return f"{root}/{{00000..{num_shards - 1:05d}}}.tar"
+
+
+def encode_image(image: Tensor, image_format: str) -> bytes:
+    """A ``(3, H, W)`` tensor in ``[0, 1]`` as ``png``, ``jpg`` or ``webp`` file bytes."""
+    if image_format not in PIL_FORMATS:
+        raise ValueError(f"image_format {image_format!r} is not one of {sorted(PIL_FORMATS)}")
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    options = {} if image_format == "png" else {"quality": 95}
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format=PIL_FORMATS[image_format], **options)
+    return out.getvalue()
+
+
+def shapesworld_caption(world: ShapesWorld, split: str, index: int, caption_ids: Sequence[int] | None) -> str:
+    """The caption of item ``index`` that :class:`~emu_lightning.data.modules.ShapesWorldPairs` pairs with
+    its image: one of ``caption_ids`` (all by default), drawn from the item's caption stream."""
+    references = world.captions(world.scene(split, index))
+    ids = list(caption_ids) if caption_ids is not None else list(range(len(references)))
+    if not ids or any(not 0 <= c < len(references) for c in ids):
+        raise ValueError(f"caption_ids {caption_ids} must be a non-empty list of indices below {len(references)}")
+    return references[ids[int(world.rng(split, index, stream=2).integers(len(ids)))]]
+
+
+def shapesworld_pair_record(
+    world: ShapesWorld, split: str, index: int, image_format: str, caption_ids: Sequence[int] | None
+) -> dict[str, Any]:
+    """Item ``index`` of ``split`` as the tar sample img2dataset would write: key ``f"{index:09d}"``, the
+    image (rendered as :class:`~emu_lightning.data.modules.ShapesWorldPairs` renders it), ``txt`` (the caption
+    :func:`shapesworld_caption` picks) and ``json`` (img2dataset's ``key``, ``caption``, ``url``, ``status``,
+    ``error_message``, ``width``, ``height``)."""
+    key = f"{index:09d}"
+    image = world.render(world.scene(split, index), world.rng(split, index, stream=1))
+    caption = shapesworld_caption(world, split, index, caption_ids)
+    meta = {
+        "key": key,
+        "caption": caption,
+        "url": f"https://shapesworld.invalid/{split}/{key}.{image_format}",
+        "status": "success",
+        "error_message": None,
+        "width": image.shape[2],
+        "height": image.shape[1],
+    }
+    encoded = encode_image(image, image_format)
+    return {"__key__": key, image_format: encoded, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+
+
+def write_shapesworld_pairs(
+    world: ShapesWorld,
+    root: str | Path,
+    split: str = "train",
+    num_samples: int = 1000,
+    shard_size: int = 100,
+    image_format: str = "png",
+    caption_ids: Sequence[int] | None = None,
+) -> list[str]:
+    """Write ``num_samples`` ShapesWorld pairs of ``split`` as img2dataset shards ``{root}/00000.tar``, ... of
+    ``shard_size`` samples and return their paths (:func:`shard_pattern` gives the brace pattern).
+
+    Sample ``i`` is :func:`shapesworld_pair_record`: key ``f"{i:09d}"``, members ``.png`` (or ``.jpg`` /
+    ``.webp``; JPEG shifts ShapesWorld's colours, so PNG is the default), ``.txt`` and ``.json``.
+    """
+    if num_samples < 1 or shard_size < 1:
+        raise ValueError(f"num_samples {num_samples} and shard_size {shard_size} must be positive")
+    if image_format not in PIL_FORMATS:
+        raise ValueError(f"image_format {image_format!r} is not one of {sorted(PIL_FORMATS)}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in range(math.ceil(num_samples / shard_size)):
+        path = str(root / f"{shard:05d}.tar")
+        with TarWriter(path, encoder=False, mtime=0) as sink:
+            for index in range(shard * shard_size, min(num_samples, (shard + 1) * shard_size)):
+                sink.write(shapesworld_pair_record(world, split, index, image_format, caption_ids))
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- data module
+class ImageTextDataModule(StreamingDataModule):
+    """Image-text pairs from img2dataset webdataset shards (LAION, CC3M, ...; ShapesWorld writes them with
+    :func:`write_shapesworld_pairs`). Training reads the shards shuffled and repeating; validation reads
+    its shards once, in order.
+
+    Args:
+        urls: training shards: a brace pattern (``/data/laion/{00000..00999}.tar``) or a list of them.
+        val_urls: held-out shards, read once in order; none by default.
+        image_size: side of the square images (must match the vision backbone's input size).
+        image_first_prob: probability that a pair's image precedes its caption.
+        shuffle_buffer: training samples of a shard pass through a shuffle buffer this long.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes; each reads its own shards.
+        seed: seeds the shard order, the in-shard shuffle and the image/caption order.
+        sequencer: a SequenceBuilder; by default the trained model's.
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        val_urls: str | list[str] | None = None,
+        image_size: int = 32,
+        image_first_prob: float = 0.5,
+        shuffle_buffer: int = 1000,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        sequencer: SequenceBuilder | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, sequencer, seed=seed)
+        self.urls, self.val_urls, self.image_size = urls, val_urls, image_size
+        self.image_first_prob, self.shuffle_buffer = image_first_prob, shuffle_buffer
+
+    def setup(self, stage: str | None = None) -> None:
+        check_image_size(self, self.image_size)
+
+    def source(self, urls: str | list[str], train: bool) -> ImageTextShards:
+        return ImageTextShards(
+            urls,
+            self.image_size,
+            image_first_prob=self.image_first_prob,
+            shuffle_buffer=self.shuffle_buffer,
+            shuffle=train,
+            repeat=train,
+            seed=self.seed,
+        )
+
+    def train_source(self) -> ImageTextShards:
+        return self.source(self.urls, train=True)
+
+    def val_source(self) -> ImageTextShards | None:
+        return None if self.val_urls is None else self.source(self.val_urls, train=False)
