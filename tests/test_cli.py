@@ -87,8 +87,13 @@ def test_tiny_fit_then_validate_from_the_command_line(tmp_path):
         str(ROOT / "configs/tiny.yaml"),
         f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false",
-        "--data.init_args.val_size=32",
-        "--data.init_args.batch_size=8",
+        "--data.init_args.sources.shapes.init_args.val_size=32",
+        "--data.init_args.sources.shapes.init_args.batch_size=8",
+        # little ShapesWorld data on disk: this test writes it into its own folder
+        "--data.init_args.sources.pairs.init_args.shapesworld={train: 40}",
+        "--data.init_args.sources.mmc4.init_args.shapesworld={train: 8}",
+        "--data.init_args.sources.webvid.init_args.shapesworld={train: 8}",
+        "--data.init_args.sources.storyboard.init_args.shapesworld={train: 8}",
     ]
     exe = [sys.executable, "-m", "emu_lightning.cli"]
     fit = subprocess.run(

@@ -10,7 +10,7 @@ def test_demo_runs_and_the_loss_falls(tmp_path, capsys):
         [
             "--num-eval", "8", "--show", "3",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=60", "--trainer.val_check_interval=60",
-            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.init_args.val_size=64",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.init_args.sources.shapes.init_args.val_size=64",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from emu_lightning.cli import cli
-from emu_lightning.data.modules import ShapesWorldDataModule
+from emu_lightning.data.modules import EmuDataModule
+from emu_lightning.data.world import ShapesWorld
 from emu_lightning.eval.callbacks import FewShotEval, TextToImageEval, run_dir
 from emu_lightning.model import EmuModel
 
 
 @torch.no_grad()
-def heldout_losses(model: EmuModel, dm: ShapesWorldDataModule, max_batches: int = 8) -> dict[str, float]:
+def heldout_losses(model: EmuModel, dm: EmuDataModule, max_batches: int = 8) -> dict[str, float]:
     """Mean cross-entropy and regression MSE over the first ``max_batches`` held-out batches."""
     dm.sequencer = model.sequencer
     was_training = model.training
@@ -48,7 +49,7 @@ def heldout_losses(model: EmuModel, dm: ShapesWorldDataModule, max_batches: int 
 
 def caption_accuracy(
     model: EmuModel,
-    dm: ShapesWorldDataModule,
+    dm: EmuDataModule,
     num: int,
     batch_size: int = 64,
     max_new_tokens: int = 40,
@@ -100,7 +101,7 @@ def save_run(trainer: Any, results: dict[str, Any], details: dict[str, Any]) -> 
     print(json.dumps(results))
 
 
-def text_to_image_demo(trainer: Any, model: EmuModel, dm: ShapesWorldDataModule, show: int) -> dict[str, Any]:
+def text_to_image_demo(trainer: Any, model: EmuModel, dm: EmuDataModule, show: int) -> dict[str, Any]:
     """The decoder stage: text-to-image scores before and after training the decoder, and a grid of held-out
     prompts' real images (odd columns) beside the generated ones (even columns)."""
     from torchvision.utils import save_image
@@ -156,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = args.config or ["configs/tiny.yaml"]
     run = cli([a for c in configs for a in ("--config", c)] + overrides, run=False)
     model, dm, trainer = run.model, run.datamodule, run.trainer
-    if not isinstance(dm, ShapesWorldDataModule):
-        raise SystemExit(f"the demo needs a ShapesWorldDataModule, the config gives {type(dm).__name__}")
+    if not isinstance(getattr(dm, "world", None), ShapesWorld):
+        raise SystemExit(f"the demo needs ShapesWorld data (a `world`), the config gives {type(dm).__name__}")
     if model.stage == "decoder":
         return text_to_image_demo(trainer, model, dm, args.show)
 

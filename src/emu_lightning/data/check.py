@@ -3,7 +3,7 @@
     python -m emu_lightning.data.check --format webdataset 'shards/{00000..00099}.tar'
     python -m emu_lightning.data.check --format mmc4 docs/*.jsonl --image-dir images/
     python -m emu_lightning.data.check --format webvid results_2M_train.csv --video-dir videos/
-    python -m emu_lightning.data.check --format storyboard storyboards/index.jsonl
+    python -m emu_lightning.data.check --format storyboard storyboards/index.jsonl --root storyboards/
 
 Prints one JSON object: ``ok`` (samples that would be used), ``skipped`` (samples, or for storyboards also
 single frames and subtitle lines, that would be dropped) and ``reasons`` (count per reason), plus the format
@@ -38,7 +38,7 @@ def open_source(fmt: str, paths: Sequence[str], args: argparse.Namespace) -> Str
     if fmt == "webvid":
         return WebVidVideos(list(paths), video_dir=args.video_dir, num_frames=args.num_frames, train=False, **common)
     if fmt == "storyboard":
-        return StoryboardVideos(list(paths), **common)
+        return StoryboardVideos(list(paths), root=args.root, **common)
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
@@ -58,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="shards (brace patterns, pipe: URLs), jsonl, csv or index files")
     p.add_argument("--image-dir", help="MMC4: folder of the documents' images (default: each jsonl's folder)")
     p.add_argument("--video-dir", help="WebVid: folder holding {page_dir}/{videoid}.mp4 (default: the csv's)")
+    p.add_argument("--root", help="storyboard: folder frame and subtitle paths are relative to (default: the index's)")
     p.add_argument("--image-size", type=int, default=224, help="side images and frames are resized to")
     p.add_argument("--num-frames", type=int, default=8, help="WebVid: frames sampled per video")
     p.add_argument("--sim-threshold", type=float, default=0.32, help="MMC4: least image-sentence similarity")
     p.add_argument("--limit", type=int, default=None, help="stop after this many samples (usable or not)")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be at least 1, got {args.limit}")
     report = check(args.format, args.paths, args)
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] > 0 else 1

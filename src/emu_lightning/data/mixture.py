@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from emu_lightning.data.modules import EmuDataModule, StreamingDataModule
 from emu_lightning.data.streaming import DataSourceError, StreamingSource, distributed_rank
+from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
 
@@ -182,6 +183,12 @@ class MixtureDataModule(EmuDataModule):
         super().__init__(sum(batch_sizes.values()) if batch_sizes else batch_size, num_workers, sequencer)
         self.sources, self.ratios, self.batch_sizes = dict(sources), ratios, batch_sizes
         self.seed, self.val_source = seed, val_source
+
+    @property
+    def world(self) -> ShapesWorld | None:
+        """The first source's ShapesWorld (the evaluations draw their held-out scenes from it), if any has one."""
+        worlds = (getattr(module, "world", None) for module in self.sources.values())
+        return next((w for w in worlds if isinstance(w, ShapesWorld)), None)
 
     def _attach(self, module: EmuDataModule) -> None:
         """Give a child this module's trainer (its checks against the model) and sequencer (if it has none)."""

@@ -40,6 +40,7 @@ import binascii
 import glob
 import gzip
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,8 @@ from torch import Tensor
 from webdataset import TarWriter
 
 from emu_lightning.data.modules import StreamingDataModule
-from emu_lightning.data.pairs import (
-    check_image_size,
-    decode_image,
-    encode_image,
-    expand_urls,
-    opened,
-    shuffled,
-    tar_records,
-)
-from emu_lightning.data.streaming import Skip, StreamingSource
+from emu_lightning.data.pairs import decode_image, encode_image, opened, tar_records
+from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls, shuffled
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
@@ -391,6 +384,9 @@ class MMC4DataModule(StreamingDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes; each reads its own files.
         seed: seeds the file order and the in-file shuffle.
+        shapesworld: write ShapesWorld stories to ``paths`` / ``val_paths`` first, where not yet written (tar
+            shards in OpenFlamingo's layout, or jsonl with images in ``image_dir``): ``{train: n, val: n}``
+            documents and ShapesWorld arguments (see :class:`StreamingDataModule`).
         sequencer: a SequenceBuilder; by default the trained model's.
     """
 
@@ -406,14 +402,15 @@ class MMC4DataModule(StreamingDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        shapesworld: dict[str, Any] | None = None,
         sequencer: SequenceBuilder | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed)
-        self.paths, self.val_paths, self.image_dir, self.image_size = paths, val_paths, image_dir, image_size
+        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
+        self.train_paths, self.val_paths, self.image_dir, self.image_size = paths, val_paths, image_dir, image_size
         self.sim_threshold, self.max_images, self.shuffle_buffer = sim_threshold, max_images, shuffle_buffer
 
     def setup(self, stage: str | None = None) -> None:
-        check_image_size(self, self.image_size)
+        self.check_image_size(self.image_size)
 
     def source(self, paths: str | list[str], train: bool) -> MMC4Documents:
         return MMC4Documents(
@@ -428,8 +425,18 @@ class MMC4DataModule(StreamingDataModule):
             seed=self.seed,
         )
 
+    def paths(self, split: str) -> str | list[str] | None:
+        return self.train_paths if split == "train" else self.val_paths
+
+    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
+        layout = "wds" if expand_urls(self.paths(split))[0].endswith(".tar") else "jsonl"
+        if layout == "jsonl" and (self.image_dir is None or Path(self.image_dir) != root / "images"):
+            raise ValueError(f"ShapesWorld's jsonl layout puts the images in {root / 'images'}: set image_dir to it")
+        docs_per_file = math.ceil(num_samples / num_files)
+        return write_shapesworld_mmc4(self.world, root, split, num_samples, layout=layout, docs_per_file=docs_per_file)
+
     def train_source(self) -> MMC4Documents:
-        return self.source(self.paths, train=True)
+        return self.source(self.train_paths, train=True)
 
     def val_source(self) -> MMC4Documents | None:
         return None if self.val_paths is None else self.source(self.val_paths, train=False)

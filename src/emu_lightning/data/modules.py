@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from emu_lightning.data.streaming import StreamingSource
+from emu_lightning.data.streaming import StreamingSource, expand_urls
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import END_OF_CHUNK, SequenceBuilder
 
@@ -109,6 +111,15 @@ class EmuDataModule(L.LightningDataModule):
             self.sequencer = model.sequencer
         return self.sequencer
 
+    def check_image_size(self, image_size: int) -> None:
+        """Raise when the attached model's vision backbone expects another image size than the data gives."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        vision = getattr(model, "vision", None)
+        if vision is not None and getattr(vision, "image_size", None) not in (None, image_size):
+            raise ValueError(
+                f"data image_size {image_size} does not match the vision backbone's image_size {vision.image_size}"
+            )
+
     def loader(self, dataset: Dataset, shuffle: bool, seed: int = 0) -> DataLoader:
         return DataLoader(
             dataset,
@@ -175,13 +186,7 @@ class ShapesWorldDataModule(EmuDataModule):
         self.val_set = ShapesWorldPairs(self.world, "val", val_size, **mix)
 
     def setup(self, stage: str | None = None) -> None:
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        vision = getattr(model, "vision", None)
-        if vision is not None and getattr(vision, "image_size", None) not in (None, self.world.image_size):
-            raise ValueError(
-                f"data image_size {self.world.image_size} does not match the vision backbone's "
-                f"image_size {vision.image_size}"
-            )
+        self.check_image_size(self.world.image_size)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.train_set, shuffle=True, seed=self.seed)
@@ -196,17 +201,71 @@ class StreamingDataModule(EmuDataModule):
 
     The readers split their units across ranks and workers themselves, so the loaders neither shuffle nor
     use a sampler; skipped samples travel in each batch's ``skipped`` list and the model logs them.
+
+    With ``shapesworld``, :meth:`prepare_data` first writes ShapesWorld data in the source's format to its
+    configured paths (once: a marker file in their folder records it), so the offline default trains through
+    the same readers as real data. ``shapesworld`` holds the number of ``train`` and ``val`` samples and any
+    :class:`ShapesWorld` arguments but the image size (the DataModule's), e.g. ``{train: 2000, val: 64}``.
     """
 
-    def __init__(self, batch_size: int, num_workers: int, sequencer: SequenceBuilder | None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        sequencer: SequenceBuilder | None,
+        seed: int = 0,
+        shapesworld: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(batch_size, num_workers, sequencer)
         self.seed = seed
+        self.shapesworld = dict(shapesworld) if shapesworld is not None else None
+        self._world: ShapesWorld | None = None
 
+    @property
+    def world(self) -> ShapesWorld | None:
+        """The ShapesWorld that ``shapesworld`` writes (at the DataModule's ``image_size``); None without it."""
+        if self.shapesworld is not None and self._world is None:
+            args = {k: v for k, v in self.shapesworld.items() if k not in ("train", "val")}
+            self._world = ShapesWorld(image_size=self.image_size, **args)
+        return self._world
+
+    # ------------------------------------------------------------------ subclass interface
     def train_source(self) -> StreamingSource:
         raise NotImplementedError
 
     def val_source(self) -> StreamingSource | None:
         return None
+
+    def paths(self, split: str) -> str | list[str] | None:
+        """The configured files of ``split`` (``train`` or ``val``), where ShapesWorld data is written."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write ShapesWorld data")
+
+    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
+        """Write ``num_samples`` ShapesWorld samples of ``split`` into ``root`` as ``num_files`` files (where
+        the format has several) and return the index files' paths."""
+        raise NotImplementedError(f"{type(self).__name__} cannot write ShapesWorld data")
+
+    # ------------------------------------------------------------------ loading
+    def prepare_data(self) -> None:
+        if self.shapesworld is None:
+            return
+        for split in ("train", "val"):
+            num, configured = int(self.shapesworld.get(split, 0)), self.paths(split)
+            if num <= 0 or configured is None:
+                continue
+            expected = [str(Path(p)) for p in expand_urls(configured)]
+            root = Path(expected[0]).parent
+            marker = root / f".shapesworld-{split}.json"
+            spec = {**self.shapesworld, "image_size": self.world.image_size}
+            if marker.exists() and json.loads(marker.read_text()) == spec:
+                continue
+            written = {str(Path(p)) for p in self.write_shapesworld(root, split, num, len(expected))}
+            if set(expected) != written or any(Path(p).parent != root for p in expected):
+                raise ValueError(
+                    f"{type(self).__name__}: ShapesWorld wrote {sorted(written)} for {split}, but the configured "
+                    f"paths are {expected}: configure the paths it writes"
+                )
+            marker.write_text(json.dumps(spec))
 
     def stream_loader(self, source: StreamingSource) -> DataLoader:
         return DataLoader(

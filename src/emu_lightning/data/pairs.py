@@ -22,12 +22,11 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import braceexpand
 import numpy as np
 import torch
 from PIL import Image
@@ -36,8 +35,8 @@ from webdataset import TarWriter
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from emu_lightning.data.modules import EmuDataModule, StreamingDataModule
-from emu_lightning.data.streaming import Skip, StreamingSource
+from emu_lightning.data.modules import StreamingDataModule
+from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls, shuffled
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
@@ -48,12 +47,6 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Expand brace patterns (``/d/{00000..00009}.tar``) in one URL or a list of them, keeping their order."""
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    return [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
-
-
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with transparent pixels over white (img2dataset's alpha matting) rather than their hidden colour."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -123,31 +116,6 @@ def tar_records(url: str, unreadable: str) -> Iterator[dict[str, Any] | Skip]:
         yield Skip(unreadable, f"{url}: {errors[0]}")
     elif group is not None:
         yield group
-
-
-def shuffled(records: Iterable[T], buffer_size: int, rng: np.random.Generator) -> Iterator[T]:
-    """``records`` in a random order drawn through a buffer of ``buffer_size`` (webdataset's shuffle): memory
-    stays bounded, and a unit no longer than the buffer is shuffled completely."""
-    buffer: list[T] = []
-    for record in records:
-        if len(buffer) < buffer_size:
-            buffer.append(record)
-            continue
-        k = int(rng.integers(buffer_size))
-        buffer[k], record = record, buffer[k]
-        yield record
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def check_image_size(datamodule: EmuDataModule, image_size: int) -> None:
-    """Raise when the attached model's vision backbone expects another image size than the data gives."""
-    model = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
-    vision = getattr(model, "vision", None)
-    if vision is not None and getattr(vision, "image_size", None) not in (None, image_size):
-        raise ValueError(
-            f"data image_size {image_size} does not match the vision backbone's image_size {vision.image_size}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- reader
@@ -321,6 +289,8 @@ class ImageTextDataModule(StreamingDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes; each reads its own shards.
         seed: seeds the shard order, the in-shard shuffle and the image/caption order.
+        shapesworld: write ShapesWorld pairs to ``urls`` / ``val_urls`` first, where not yet written:
+            ``{train: n, val: n}`` samples and ShapesWorld arguments (see :class:`StreamingDataModule`).
         sequencer: a SequenceBuilder; by default the trained model's.
     """
 
@@ -334,14 +304,15 @@ class ImageTextDataModule(StreamingDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        shapesworld: dict[str, Any] | None = None,
         sequencer: SequenceBuilder | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed)
+        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
         self.urls, self.val_urls, self.image_size = urls, val_urls, image_size
         self.image_first_prob, self.shuffle_buffer = image_first_prob, shuffle_buffer
 
     def setup(self, stage: str | None = None) -> None:
-        check_image_size(self, self.image_size)
+        self.check_image_size(self.image_size)
 
     def source(self, urls: str | list[str], train: bool) -> ImageTextShards:
         return ImageTextShards(
@@ -353,6 +324,13 @@ class ImageTextDataModule(StreamingDataModule):
             repeat=train,
             seed=self.seed,
         )
+
+    def paths(self, split: str) -> str | list[str] | None:
+        return self.urls if split == "train" else self.val_urls
+
+    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
+        shard_size = math.ceil(num_samples / num_files)
+        return write_shapesworld_pairs(self.world, root, split, num_samples, shard_size=shard_size)
 
     def train_source(self) -> ImageTextShards:
         return self.source(self.urls, train=True)

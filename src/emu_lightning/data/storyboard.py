@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from emu_lightning.data.modules import StreamingDataModule
-from emu_lightning.data.pairs import check_image_size, decode_image
+from emu_lightning.data.pairs import decode_image
 from emu_lightning.data.streaming import Skip, StreamingSource
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
@@ -375,6 +375,9 @@ class StoryboardDataModule(StreamingDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         seed: seeds shuffling.
+        shapesworld: write ShapesWorld storyboards (frames, WebVTT subtitles, ``index_<split>.jsonl``) to
+            ``paths`` / ``val_paths`` first, where not yet written: ``{train: n, val: n}`` videos and ShapesWorld
+            arguments (see :class:`StreamingDataModule`).
         sequencer: a SequenceBuilder; by default the trained model's.
     """
 
@@ -389,17 +392,24 @@ class StoryboardDataModule(StreamingDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        shapesworld: dict[str, Any] | None = None,
         sequencer: SequenceBuilder | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed)
-        self.paths, self.val_paths, self.root = paths, val_paths, root
+        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
+        self.train_paths, self.val_paths, self.root, self.image_size = paths, val_paths, root, image_size
         self.reader_args = dict(image_size=image_size, max_frames=max_frames, lines_per_unit=lines_per_unit, seed=seed)
 
     def setup(self, stage: str | None = None) -> None:
-        check_image_size(self, self.reader_args["image_size"])
+        self.check_image_size(self.reader_args["image_size"])
+
+    def paths(self, split: str) -> str | list[str] | None:
+        return self.train_paths if split == "train" else self.val_paths
+
+    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
+        return [str(write_shapesworld_storyboard(self.world, root, split, num_videos=num_samples))]
 
     def train_source(self) -> StoryboardVideos:
-        return StoryboardVideos(self.paths, self.root, shuffle=True, repeat=True, **self.reader_args)
+        return StoryboardVideos(self.train_paths, self.root, shuffle=True, repeat=True, **self.reader_args)
 
     def val_source(self) -> StoryboardVideos | None:
         if self.val_paths is None:

@@ -21,13 +21,16 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+T = TypeVar("T")
 
 
 class DataSourceError(RuntimeError):
@@ -82,6 +85,27 @@ def format_skips(totals: Mapping[str, Mapping[str, int]]) -> str:
         detail = ", ".join(f"{r}: {c}" for r, c in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
         lines.append(f"{source}: {n} skipped ({detail})")
     return "\n".join(lines)
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Expand brace patterns (``/d/{00000..00009}.tar``) in one URL or a list of them, keeping their order."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    return [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+
+
+def shuffled(records: Iterable[T], buffer_size: int, rng: np.random.Generator) -> Iterator[T]:
+    """``records`` in a random order drawn through a buffer of ``buffer_size`` (webdataset's shuffle): memory
+    stays bounded, and a unit no longer than the buffer is shuffled completely."""
+    buffer: list[T] = []
+    for record in records:
+        if len(buffer) < buffer_size:
+            buffer.append(record)
+            continue
+        k = int(rng.integers(buffer_size))
+        buffer[k], record = record, buffer[k]
+        yield record
+    rng.shuffle(buffer)
+    yield from buffer
 
 
 class StreamingSource(IterableDataset):

@@ -32,7 +32,6 @@ from PIL import Image
 from torch import Tensor
 
 from emu_lightning.data.modules import StreamingDataModule
-from emu_lightning.data.pairs import check_image_size
 from emu_lightning.data.streaming import Skip, StreamingSource
 from emu_lightning.data.world import BACKGROUND, ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
@@ -420,6 +419,9 @@ class WebVidDataModule(StreamingDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes.
         seed: seeds shuffling and frame sampling.
+        shapesworld: write ShapesWorld moving-shape clips (mp4 files and ``results_<split>.csv``) to ``csv`` /
+            ``val_csv`` first, where not yet written: ``{train: n, val: n}`` videos and ShapesWorld arguments
+            (see :class:`StreamingDataModule`).
         sequencer: a SequenceBuilder; by default the trained model's.
     """
 
@@ -435,10 +437,11 @@ class WebVidDataModule(StreamingDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         seed: int = 0,
+        shapesworld: dict[str, Any] | None = None,
         sequencer: SequenceBuilder | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed)
-        self.csv, self.val_csv, self.video_dir = csv, val_csv, video_dir
+        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
+        self.csv, self.val_csv, self.video_dir, self.image_size = csv, val_csv, video_dir, image_size
         self.reader_args = dict(
             num_frames=num_frames,
             image_size=image_size,
@@ -448,7 +451,15 @@ class WebVidDataModule(StreamingDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        check_image_size(self, self.reader_args["image_size"])
+        self.check_image_size(self.reader_args["image_size"])
+
+    def paths(self, split: str) -> str | list[str] | None:
+        return self.csv if split == "train" else self.val_csv
+
+    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
+        if self.video_dir is not None and Path(self.video_dir) != root:
+            raise ValueError(f"ShapesWorld writes the videos beside the csv: set video_dir to {root} or leave it out")
+        return [str(write_shapesworld_webvid(self.world, root, split, num_videos=num_samples))]
 
     def train_source(self) -> WebVidVideos:
         return WebVidVideos(self.csv, self.video_dir, train=True, shuffle=True, repeat=True, **self.reader_args)
