@@ -12,8 +12,9 @@ depend on them):
   ``DiffusionDecoder``; ``small`` is ``benchmarks/train_throughput.py``'s small config (LLM of 52M
   parameters, width 512, 16 layers, Q = 32).
 - Regression: ``EmuModel.regress_image_embeddings`` on ``--batch`` text prompts (held-out ShapesWorld
-  captions), with the KV cache (one LLM step per embedding) and without it (the paper's released code:
-  the whole sequence runs again for each of the Q embeddings). The contenders alternate for ``--repeats``
+  captions naming each shape's position, as ``TextToImageEval`` prompts), with the KV cache (one LLM step
+  per embedding) and without it (the paper's released code: the whole sequence runs again for each of the
+  Q embeddings). The contenders alternate for ``--repeats``
   rounds; medians are reported and ``kv_speedup = uncached_s / cached_s``. ``max_abs_diff`` compares the
   two outputs.
 - OpenMP: ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` here, as in the other benchmarks (robust on shared cores),
@@ -70,7 +71,8 @@ def small_model() -> EmuModel:
 def bench(name: str, model: EmuModel, args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     world = ShapesWorld(image_size=model.vision.image_size)
-    prompts = [world.captions(world.scene("val", i))[0] for i in range(args.batch)]
+    # The prompts text-to-image is evaluated with: held-out captions that place each shape (about 20 tokens).
+    prompts = [world.captions(world.scene("val", i))[1] for i in range(args.batch)]
     model.regress_image_embeddings(prompts)  # warm-up
     cached, uncached = [], []
     for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike

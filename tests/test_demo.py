@@ -10,7 +10,8 @@ def test_demo_runs_and_the_loss_falls(tmp_path, capsys):
         [
             "--num-eval", "8", "--show", "3",
             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=60", "--trainer.val_check_interval=60",
-            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--data.init_args.sources.shapes.init_args.val_size=64",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+            "--data.init_args.sources.shapes.init_args.val_size=64",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
@@ -62,6 +63,7 @@ def test_decoder_stage_demo_then_generate_from_the_command_line(tmp_path, capsys
         [
             "--config", "configs/tiny.yaml", "--config", "configs/stages/decoder.yaml", "--config", str(fast),
             f"--model.init_checkpoint={ckpt}", f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--model.decoder_sketch_fit=4",
             "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false", "--data.init_args.val_size=16", "--show", "3",
         ]

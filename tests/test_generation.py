@@ -110,6 +110,19 @@ def test_decoder_stage_trains_only_the_decoder(condition):
             model.decoder_losses(batch)
 
 
+def test_decoder_stage_fits_the_sketch_in_closed_form_before_training(monkeypatch):
+    spatial = dict(num_queries=4, spatial_condition=4, spatial_grid=4, sketch_weight=1.0, condition_norm=True)
+    model = make_model(num_queries=4, decoder=decoder(**spatial), stage="decoder", decoder_sketch_fit=3)
+    fits = []
+    real = model.decoder.fit_sketch
+    monkeypatch.setattr(model.decoder, "fit_sketch", lambda c, x: fits.append((c.shape, x.shape)) or real(c, x))
+    _fit(model, steps=1, image_first_prob=0.0)
+    assert fits == [((12, 4, 32), (12, 3, 16, 16))]  # 3 batches of 4 caption-then-image pairs, once
+    assert model.decoder.condition_norm.count == 12 + 4  # the fit's pairs, then one training batch
+    with pytest.raises(ValueError, match="decoder_sketch_fit must be >= 0"):
+        make_model(num_queries=4, decoder=decoder(**spatial), stage="decoder", decoder_sketch_fit=-1)
+
+
 def test_decoder_must_fit_the_visual_embeddings():
     with pytest.raises(ValueError, match="decoder num_queries 5 does not match the resampler's 4 embeddings"):
         make_model(num_queries=4, decoder=decoder(num_queries=5))

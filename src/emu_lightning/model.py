@@ -18,6 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
@@ -70,6 +71,9 @@ class EmuModel(L.LightningModule):
         decoder_condition: what the decoder stage conditions on: ``regressed`` (the paper: Emu's Q embeddings
             regressed after the text before the image and ``[IMG]``) or ``autoencoder`` (Emu2: the resampler's
             embeddings of the target image itself).
+        decoder_sketch_fit: decoder stage: before the first step, solve the decoder's spatial sketch in closed
+            form (:meth:`DiffusionDecoder.fit_sketch`) on the conditions and images of this many training
+            batches; 0: it is learned by gradient descent alone.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class EmuModel(L.LightningModule):
         init_checkpoint: str | None = None,
         stage: str = "pretrain",
         decoder_condition: str = "regressed",
+        decoder_sketch_fit: int = 0,
     ) -> None:
         super().__init__()
         given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
@@ -110,7 +115,9 @@ class EmuModel(L.LightningModule):
             if decoder is None:
                 raise ValueError("stage 'decoder' needs a decoder")
             frozen = sorted({*(frozen or []), "vision", "resampler", "llm"})  # only the decoder trains
-        self.stage, self.decoder_condition = stage, decoder_condition
+        if decoder_sketch_fit < 0 or (decoder_sketch_fit and not hasattr(decoder, "fit_sketch")):
+            raise ValueError("decoder_sketch_fit must be >= 0 and needs a decoder with fit_sketch (DiffusionDecoder)")
+        self.stage, self.decoder_condition, self.decoder_sketch_fit = stage, decoder_condition, decoder_sketch_fit
         self.frozen = list(_check_names({n: 0 for n in frozen or []}, "frozen"))
         for name in self.frozen:
             if getattr(self, name) is None:
@@ -250,6 +257,15 @@ class EmuModel(L.LightningModule):
         """The decoder stage's diffusion loss on each sample's first image, conditioned on Emu's regression for
         the text before it (or, ``autoencoder``, on that image's own embeddings); samples whose first image
         has no text before it are skipped. The unconditional branch is the regression for an empty prompt."""
+        images, condition = self.decoder_inputs(batch)
+        if self._uncondition is None:  # Emu is frozen in this stage: the empty prompt's regression is fixed
+            self._uncondition = self.regress_image_embeddings([[]])
+        return {"decoder": self.decoder.loss(images, condition, self._uncondition)}
+
+    @torch.no_grad()
+    def decoder_inputs(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The decoder stage's ``(images, condition)`` of a batch: each text-then-image sample's first image
+        and Emu's regression for the text before it (or the image's own embeddings, ``autoencoder``)."""
         ids, counts = batch["input_ids"], batch["image_counts"].tolist()
         first = torch.tensor([sum(counts[:i]) for i in range(len(counts))])
         starts = [(row == self.img_start_id).nonzero() for row in ids]
@@ -258,18 +274,33 @@ class EmuModel(L.LightningModule):
         if not keep:
             raise ValueError("no sample has text before an image: the decoder stage needs text-then-image samples")
         images = batch["images"][first[keep]].to(self.device)
-        with torch.no_grad():
-            if self.decoder_condition == "autoencoder":
-                condition = self.encode_images(images)
-            else:
-                prompts = [ids[i, : int(starts[i][0])] for i in keep]
-                condition = self._regress(*self._left_pad(prompts))
-            if self._uncondition is None:  # Emu is frozen in this stage: the empty prompt's regression is fixed
-                self._uncondition = self.regress_image_embeddings([[]])
-        return {"decoder": self.decoder.loss(images, condition, self._uncondition)}
+        if self.decoder_condition == "autoencoder":
+            return images, self.encode_images(images)
+        prompts = [ids[i, : int(starts[i][0])] for i in keep]
+        return images, self._regress(*self._left_pad(prompts))
 
     def on_train_start(self) -> None:
         self._uncondition = None  # weights may have been loaded since the last fit
+        if self.stage == "decoder" and self.decoder_sketch_fit and self.global_step == 0:
+            self._fit_decoder_sketch()
+
+    def _fit_decoder_sketch(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ValueError("decoder_sketch_fit reads its batches from the datamodule; fit was given none")
+        images, conditions = [], []
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i >= self.decoder_sketch_fit:
+                break
+            batch = self.trainer.strategy.batch_to_device(batch)
+            x, c = self.decoder_inputs(batch)
+            images.append(x)
+            conditions.append(c)
+        mse = self.decoder.fit_sketch(torch.cat(conditions), torch.cat(images))
+        with torch.no_grad():  # every rank fitted on its own batches: all start from rank 0's solution
+            for tensor in self.decoder.state_dict().values():
+                tensor.copy_(self.trainer.strategy.broadcast(tensor, src=0))
+        rank_zero_info(f"decoder sketch fitted in closed form on {sum(len(x) for x in images)} pairs (MSE {mse:.4f})")
 
     def stage_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         if self.stage == "decoder":

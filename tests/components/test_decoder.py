@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from diffusers.models.attention_processor import Attention
 
 from emu_lightning.components import DiffusionDecoder
-from emu_lightning.components.decoder import TINY_UNET
+from emu_lightning.components.decoder import TINY_UNET, ConditionNorm
 
 TINY_VAE = dict(
     block_out_channels=(8, 16),
@@ -238,32 +238,66 @@ def test_pooled_condition_reaches_every_block(sd_folder):
         DiffusionDecoder(cond_dim=24, pretrained=str(sd_folder[0]), image_size=16, pooled_condition=True)
 
 
+def test_condition_norm_accumulates_exact_statistics_and_ignores_the_batch():
+    norm = ConditionNorm(16)
+    x = torch.randn(40, 16) * 3 + torch.randn(16) * 10  # a large component shared by every row
+    for part in x.split(7):  # batches of 7 (and one of 5) accumulate to the statistics of all 40 rows
+        norm(part)
+    torch.testing.assert_close(norm.mean, x.mean(0))
+    torch.testing.assert_close(norm.var, x.var(0, unbiased=False))
+    assert norm.count == 40
+    norm.eval()
+    out = norm(x)  # no update in eval mode; each row is normalised on its own
+    assert norm.count == 40
+    torch.testing.assert_close(out.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm(x[:1]), out[:1])
+
+
 def test_condition_norm_removes_what_all_conditions_share():
-    decoder = make(condition_norm=True, condition_dropout=0.0).train()
     images, cond = data(b=4)
+    shared = torch.randn(16) * 10  # a large component common to every image's embeddings
 
     def loss(c):
+        decoder = make(condition_norm=True, condition_dropout=0.0).train()
         torch.manual_seed(1)
         return decoder.loss(images, c)
 
-    shared = torch.randn(16) * 10  # a large component common to every image's embeddings
     torch.testing.assert_close(loss(cond + shared), loss(cond), atol=1e-4, rtol=1e-4)
-    assert decoder.condition_norm.running_mean.abs().sum() > 0  # statistics kept for sampling
 
 
 def test_per_embedding_condition_norm():
     decoder = make(condition_norm=True, condition_dropout=0.0, num_queries=4).train()
-    assert decoder.condition_norm.running_mean.shape == (4 * 16,)
+    assert decoder.condition_norm.mean.shape == (4 * 16,)
     images, cond = data(b=4)
+    per_token = torch.randn(4, 16) * 10  # a large component that differs between the Q embeddings
 
     def loss(c):
+        fresh = make(condition_norm=True, condition_dropout=0.0, num_queries=4).train()
         torch.manual_seed(1)
-        return decoder.loss(images, c)
+        return fresh.loss(images, c)
 
-    per_token = torch.randn(4, 16) * 10  # a large component that differs between the Q embeddings
     torch.testing.assert_close(loss(cond + per_token), loss(cond), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"expected condition \(2, 4, 16\)"):
         decoder.loss(images[:2], torch.randn(2, 5, 16))
+
+
+def test_fit_sketch_solves_the_pooled_images_in_closed_form():
+    decoder = make(num_queries=2, spatial_condition=4, spatial_grid=2, sketch_weight=1.0, condition_norm=True)
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(256, 2, 16, generator=g) * 2 + 5
+    mix = torch.randn(32, 12, generator=g) * 0.1
+    pooled = (((cond - 5) / 2).flatten(1) @ mix).view(-1, 3, 2, 2)  # the pooled targets, linear in the condition
+    images = F.interpolate((pooled + 1) / 2, scale_factor=4, mode="nearest")  # 8 px images, flat 4 px cells
+    assert decoder.fit_sketch(cond, images, ridge=1e-6) < 1e-6
+    assert decoder.condition_norm.count == 256
+    decoder.eval()
+    sketch = decoder.spatial(decoder._normalise(cond))[:, :3]
+    torch.testing.assert_close(sketch, pooled, atol=1e-3, rtol=0)  # the images pooled, in [-1, 1] space
+    before = decoder.spatial.proj[0].weight[12:].clone()  # the map's other channels are left as they were
+    decoder.fit_sketch(cond, images)
+    torch.testing.assert_close(decoder.spatial.proj[0].weight[12:], before)
+    with pytest.raises(ValueError, match="linear spatial map"):
+        make(num_queries=2, spatial_condition=4, spatial_hidden=8, sketch_weight=1.0).fit_sketch(cond, images)
 
 
 def test_spatial_condition_and_sketch_loss():

@@ -68,11 +68,11 @@ class DiffusionDecoder(VisualDecoder):
             (diffusers' ``class_embed_type="projection"``), so every ResNet block sees the condition, not only the
             cross-attention layers; the tiny decoder learns to follow its prompt much sooner with it. Only for a
             UNet built here.
-        condition_norm: standardise the condition with running batch statistics (a non-affine ``BatchNorm1d``)
-            before the UNet sees it: each (embedding, dimension) pair when ``num_queries`` is given, else each
-            dimension over all Q embeddings. Emu's visual embeddings share a large component across images (on
-            tiny ShapesWorld about 90% of their variance), which this removes, so what tells images apart is not
-            drowned in it.
+        condition_norm: standardise the condition (:class:`ConditionNorm`: the mean and variance of every
+            condition seen in training, not the batch's) before the UNet sees it: each (embedding, dimension)
+            pair when ``num_queries`` is given, else each dimension over all Q embeddings. Emu's visual
+            embeddings share a large component across images (on tiny ShapesWorld about 90% of their variance),
+            which this removes, so what tells images apart is not drowned in it.
         num_queries: Q, the number of embeddings in a condition (the resampler's); needed by
             ``spatial_condition``, and makes ``condition_norm`` per embedding.
         spatial_condition: channels of a coarse map computed from all Q embeddings (flattened, through
@@ -82,7 +82,8 @@ class DiffusionDecoder(VisualDecoder):
         spatial_hidden: hidden width of the map's MLP; 0: a single linear layer.
         sketch_weight: weight of an auxiliary loss that makes the map's first channels predict the target
             image (or latent) average-pooled to ``spatial_grid`` (a "sketch"), for the rows whose condition was
-            not dropped; 0: the map is learned through the diffusion loss alone.
+            not dropped; 0: the map is learned through the diffusion loss alone. With a linear map
+            (``spatial_hidden=0``) :meth:`fit_sketch` solves the sketch in closed form before training.
     """
 
     def __init__(
@@ -199,7 +200,7 @@ class DiffusionDecoder(VisualDecoder):
             )
         self.condition_norm = None
         if condition_norm:
-            self.condition_norm = nn.BatchNorm1d(cond_dim * (num_queries or 1), affine=False)
+            self.condition_norm = ConditionNorm(cond_dim * (num_queries or 1))
         self.pooled_condition = getattr(ucfg, "class_embed_type", None) == "projection"
         if pooled_condition and not self.pooled_condition:
             raise ValueError("pooled_condition needs a UNet built here (a pretrained one has no projection embedding)")
@@ -336,11 +337,52 @@ class DiffusionDecoder(VisualDecoder):
         finally:
             self.train(was_training)
 
-    # ------------------------------------------------------------------ helpers
-    def _unet(self, x: Tensor, t: Tensor, condition: Tensor, return_coarse: bool = False) -> Any:
+    @torch.no_grad()
+    def fit_sketch(self, condition: Tensor, images: Tensor, ridge: float = 1e-2) -> float:
+        """Solve the spatial map's sketch channels in closed form: the ridge regression from the normalised,
+        flattened conditions to the target images average-pooled to the grid (what ``sketch_weight`` trains
+        towards by gradient descent, reached at once). ``condition_norm``'s statistics are first set from
+        ``condition``. Training then goes on from the solution.
+
+        Args:
+            condition: ``(N, Q, cond_dim)`` conditions of the training images, N well above ``Q * cond_dim``.
+            images: ``(N, 3, image_size, image_size)`` in ``[0, 1]``, the images they condition.
+            ridge: added to the diagonal of the normal equations.
+
+        Returns:
+            the fit's mean squared error on these pairs.
+        """
+        if self.spatial is None or len(self.spatial.proj) != 1 or self.sketch_weight <= 0:
+            raise ValueError("fit_sketch needs a linear spatial map (spatial_hidden=0) with a sketch (sketch_weight>0)")
+        if images.dim() != 4 or images.shape[0] != condition.shape[0]:
+            raise ValueError(f"expected one image per condition, got {tuple(images.shape)} for {condition.shape[0]}")
+        condition = self._check_condition(condition, images.shape[0])
         if self.condition_norm is not None:
-            flat = condition.flatten(1) if self.num_queries else condition.flatten(0, 1)
-            condition = self.condition_norm(flat).view_as(condition)
+            self.condition_norm.reset()
+            self.condition_norm.update(condition.flatten(1) if self.num_queries else condition.flatten(0, 1))
+        was_training = self.training
+        self.eval()  # normalise with the statistics just set, without updating them
+        x = self._normalise(condition).flatten(1).double()
+        self.train(was_training)
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        y = F.adaptive_avg_pool2d(self.encode(images), self.spatial.grid).flatten(1).double()
+        gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        solution = torch.linalg.solve(gram, x.T @ y)
+        linear: nn.Linear = self.spatial.proj[0]
+        k = y.shape[1]  # the sketch's channels come first in the map
+        linear.weight[:k] = solution[:-1].T.to(linear.weight.dtype)
+        linear.bias[:k] = solution[-1].to(linear.bias.dtype)
+        return float((x @ solution - y).pow(2).mean())
+
+    # ------------------------------------------------------------------ helpers
+    def _normalise(self, condition: Tensor) -> Tensor:
+        if self.condition_norm is None:
+            return condition
+        flat = condition.flatten(1) if self.num_queries else condition.flatten(0, 1)
+        return self.condition_norm(flat).view_as(condition)
+
+    def _unet(self, x: Tensor, t: Tensor, condition: Tensor, return_coarse: bool = False) -> Any:
+        condition = self._normalise(condition)
         coarse = None
         if self.spatial is not None:
             coarse = self.spatial(condition)
@@ -373,6 +415,43 @@ class DiffusionDecoder(VisualDecoder):
                 f"got shape {tuple(uncondition.shape)}"
             )
         return uncondition.to(condition).expand(b, q, d)
+
+
+class ConditionNorm(nn.Module):
+    """Standardises features with the mean and variance of every condition seen in training, accumulated
+    (exactly, as one large batch would give them), and used as they stand in training and sampling alike.
+
+    Unlike a ``BatchNorm1d`` in training mode, a condition's normalised value never depends on the other rows
+    of its batch, so what the decoder learns from it is what it will see when sampling.
+    """
+
+    def __init__(self, features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("var", torch.ones(features))
+        self.register_buffer("count", torch.zeros(()))
+
+    def reset(self) -> None:
+        self.mean.zero_()
+        self.var.fill_(1.0)
+        self.count.zero_()
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Add the rows of ``x`` ``(N, features)`` to the statistics (Chan et al.'s parallel update)."""
+        x = x.detach().to(self.mean.dtype)
+        n, total = x.shape[0], self.count + x.shape[0]
+        mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+        delta = mean - self.mean
+        self.var.copy_((self.var * self.count + var * n + delta.pow(2) * self.count * n / total) / total)
+        self.mean.add_(delta * n / total)
+        self.count.copy_(total)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.update(x)
+        return (x - self.mean.to(x.dtype)) / (self.var.to(x.dtype) + self.eps).sqrt()
 
 
 class SpatialCondition(nn.Module):
