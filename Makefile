@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/rices.py
 	$(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/data_throughput.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -234,3 +234,25 @@ def test_bad_arguments_are_named(shards):
         ImageTextShards(paths, image_size=32, image_first_prob=1.5)
     with pytest.raises(ValueError, match="image_size 0"):
         ImageTextShards(paths, image_size=0)
+
+
+def test_training_logs_the_skipped_samples_per_source_and_reason(tmp_path, capsys):
+    import lightning as L
+    from conftest import make_model
+
+    from emu_lightning.data.pairs import ImageTextDataModule
+
+    world16 = ShapesWorld(image_size=16)
+    records = [shapesworld_pair_record(world16, "train", i, "png", None) for i in range(12)]
+    records[1]["png"] = b"broken"
+    records[5]["txt"] = b""
+    url = write_shard(tmp_path / "00000.tar", records)
+    model = make_model()
+    dm = ImageTextDataModule(url, image_size=16, batch_size=10, shuffle_buffer=1)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, dm)
+    # two passes over the shard's 12 samples (10 usable) in two batches of 10: each pass's skips counted once
+    assert model.data_skips == {"pairs": {"corrupt_image": 2, "empty_caption": 2}}
+    assert trainer.callback_metrics["data/skipped/pairs/corrupt_image"] == 2
+    assert "pairs: 4 skipped (corrupt_image: 2, empty_caption: 2)" in capsys.readouterr().out
