@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from emu_lightning.tokenizer import IMAGE, IMG_END, IMG_START
@@ -56,6 +57,18 @@ def _flatten_items(sample: Any) -> list[Any]:
         else:
             flat.append(item)
     return flat
+
+
+def _stack(images: list[Tensor]) -> Tensor:
+    """The images as one float tensor; in a DataLoader worker it is written straight into shared memory (as
+    torch's ``default_collate`` does), which saves a copy when the batch is sent to the main process."""
+    images = [img.float() for img in images]
+    out = None
+    if get_worker_info() is not None:
+        first = images[0]
+        storage = first._typed_storage()._new_shared(len(images) * first.numel(), device=first.device)
+        out = first.new(storage).resize_(len(images), *first.shape)
+    return torch.stack(images, out=out)
 
 
 class SequenceBuilder:
@@ -198,7 +211,7 @@ class SequenceBuilder:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "images": torch.stack(all_images).float() if all_images else None,
+            "images": _stack(all_images) if all_images else None,
             "image_counts": torch.tensor([len(e.images) for e in encoded], dtype=torch.long),
             "truncated": torch.tensor([e.truncated for e in encoded], dtype=torch.bool),
         }
