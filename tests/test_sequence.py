@@ -101,3 +101,22 @@ def test_bad_input(builder):
         builder([[img()], [torch.rand(3, 8, 8)]])
     with pytest.raises(ValueError, match="max_length 4"):
         builder.with_options(max_length=4)
+
+
+def test_uint8_images_stay_uint8_until_the_model_scales_them():
+    from conftest import make_model
+
+    model = make_model().eval()
+    u8 = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    batch = model.sequencer([[u8, "a red circle."], [torch.stack([u8, u8]), "a clip."]])
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (3, 3, 16, 16)  # a quarter the bytes
+    mixed = model.sequencer([[u8, "a."], [u8.float() / 255, "b."]])  # with float images: all scaled to [0, 1]
+    assert mixed["images"].dtype == torch.float32
+    torch.testing.assert_close(mixed["images"][0], u8.float() / 255)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_images(batch["images"]), model.encode_images(mixed["images"][[0, 0, 0]])
+        )
+        torch.testing.assert_close(
+            model.losses(batch)["loss"], model.losses({**batch, "images": batch["images"] / 255})["loss"]
+        )

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
 from emu_lightning.data.streaming import batch_skips, format_skips
-from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder
+from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder, to_unit_range
 from emu_lightning.tokenizer import (
     EMU_TOKENS,
     IMAGE,
@@ -210,8 +210,8 @@ class EmuModel(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images ``(N, 3, H, W)`` in ``[0, 1]`` to visual embeddings ``(N, Q, D)``."""
-        return self.resampler(self.vision(images))
+        """Images ``(N, 3, H, W)`` in ``[0, 1]`` (or uint8, scaled here) to visual embeddings ``(N, Q, D)``."""
+        return self.resampler(self.vision(to_unit_range(images)))
 
     def embed(self, input_ids: Tensor, images: Tensor | None) -> Tensor:
         """Token embeddings with every ``<image>`` placeholder overwritten by the visual embeddings, in order."""
@@ -273,7 +273,7 @@ class EmuModel(L.LightningModule):
         keep = [i for i, s in enumerate(starts) if counts[i] > 0 and len(s) and int(s[0]) > text_from]
         if not keep:
             raise ValueError("no sample has text before an image: the decoder stage needs text-then-image samples")
-        images = batch["images"][first[keep]].to(self.device)
+        images = to_unit_range(batch["images"][first[keep]].to(self.device))
         if self.decoder_condition == "autoencoder":
             return images, self.encode_images(images)
         prompts = [ids[i, : int(starts[i][0])] for i in keep]

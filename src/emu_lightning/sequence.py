@@ -4,7 +4,8 @@ A sample is a list of items (or a dict with an ``"items"`` list):
 
 - ``str``: text, trained on (cross-entropy) by default;
 - ``{"text": str, "loss": bool}``: text whose loss can be switched off (prompts, user turns);
-- a ``(3, H, W)`` tensor: an image, written as ``[IMG]`` + ``<image>`` x Q + ``[/IMG]``;
+- a ``(3, H, W)`` tensor: an image (float in ``[0, 1]``, or uint8 0-255), written as ``[IMG]`` +
+  ``<image>`` x Q + ``[/IMG]``;
 - a ``(F, 3, H, W)`` tensor or a list of ``(3, H, W)`` tensors: a video, one image block per frame;
 - :data:`END_OF_CHUNK`: the tokenizer's EOS inside a sample, trained on, ending one example of several
   chained in a sequence (as packed pretraining data and few-shot prompts chain them), so that generation
@@ -59,10 +60,17 @@ def _flatten_items(sample: Any) -> list[Any]:
     return flat
 
 
+def to_unit_range(images: Tensor) -> Tensor:
+    """Images as floats in ``[0, 1]``: uint8 images (0-255, as the on-disk readers decode them) are scaled."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
+
 def _stack(images: list[Tensor]) -> Tensor:
-    """The images as one float tensor; in a DataLoader worker it is written straight into shared memory (as
-    torch's ``default_collate`` does), which saves a copy when the batch is sent to the main process."""
-    images = [img.float() for img in images]
+    """The images as one tensor: uint8 when every image is uint8 (the model scales them on its device), else
+    float in [0, 1]. In a DataLoader worker it is written straight into shared memory (as torch's
+    ``default_collate`` does), which saves a copy when the batch is sent to the main process."""
+    if any(img.dtype != torch.uint8 for img in images):
+        images = [to_unit_range(img).float() for img in images]
     out = None
     if get_worker_info() is not None:
         first = images[0]

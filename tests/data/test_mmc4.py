@@ -16,6 +16,7 @@ from webdataset import TarWriter
 from emu_lightning.data.mmc4 import MMC4DataModule, MMC4Documents, write_shapesworld_mmc4
 from emu_lightning.data.streaming import DataSourceError, add_skips, batch_skips
 from emu_lightning.data.world import ShapesWorld
+from emu_lightning.sequence import to_unit_range
 
 NUM_DOCS, PER_FILE = 12, 5  # three files: 5, 5 and 2 documents
 
@@ -40,11 +41,15 @@ def wds(world, tmp_path_factory):
 
 
 def read(paths, **kwargs):
-    return list(MMC4Documents(paths, **{"image_size": 32, "shuffle": False, "repeat": False, **kwargs}))
+    """The documents, their uint8 images scaled to [0, 1] as the model does."""
+    reader = MMC4Documents(paths, **{"image_size": 32, "shuffle": False, "repeat": False, **kwargs})
+    return [
+        {**s, "items": [to_unit_range(x) if isinstance(x, torch.Tensor) else x for x in s["items"]]} for s in reader
+    ]
 
 
 def images_of(sample):
-    return [x for x in sample["items"] if isinstance(x, torch.Tensor)]
+    return [to_unit_range(x) for x in sample["items"] if isinstance(x, torch.Tensor)]
 
 
 def png(colour, size=8):
@@ -125,13 +130,13 @@ def test_a_hand_made_document(tmp_path):
     source = MMC4Documents(str(path), 8, shuffle=False, repeat=False)  # images next to the jsonl file
     [sample] = list(source)
     red, blue = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
-    kinds = [x if isinstance(x, str) else tuple(x[:, 0, 0].tolist()) for x in sample["items"]]
+    kinds = [x if isinstance(x, str) else tuple(to_unit_range(x)[:, 0, 0].tolist()) for x in sample["items"]]
     assert kinds == [tuple(red.tolist()), "Intro. First.", tuple(blue.tolist()), "Second. Third."]
     assert sample["items"][0].shape == (3, 8, 8)
     assert sample["skipped"] == {"bad_index": 1, "missing_image": 1}
     limited = list(MMC4Documents(str(path), 8, max_images=1, shuffle=False, repeat=False))
     first = limited[0]["items"][0]  # the first image in text order (red), not the first in image_info (blue)
-    assert len(images_of(limited[0])) == 1 and isinstance(first, torch.Tensor) and first[0, 0, 0] == 1.0
+    assert len(images_of(limited[0])) == 1 and isinstance(first, torch.Tensor) and first[0, 0, 0] == 255
 
 
 def test_broken_jsonl_files_are_skipped_with_reasons(tmp_path):

@@ -22,6 +22,7 @@ from emu_lightning.data.pairs import (
 )
 from emu_lightning.data.streaming import DataSourceError, add_skips, batch_skips
 from emu_lightning.data.world import ShapesWorld
+from emu_lightning.sequence import to_unit_range
 
 NUM, SHARD = 20, 8  # three shards: 8, 8 and 4 samples
 
@@ -42,7 +43,7 @@ def parts(sample):
     """(image, caption) of a pair, whichever comes first."""
     image = next(x for x in sample["items"] if isinstance(x, torch.Tensor))
     caption = next(x for x in sample["items"] if isinstance(x, str))
-    return image, caption
+    return to_unit_range(image), caption
 
 
 def write_shard(path, records):
@@ -72,7 +73,7 @@ def test_round_trip_pairs_each_caption_with_its_image(world, shards):
     small = ImageTextShards(paths, image_size=16, image_first_prob=1.0, shuffle=False, repeat=False)
     resized = list(small)
     assert all(s["items"][0].shape == (3, 16, 16) and isinstance(s["items"][1], str) for s in resized)
-    assert all(0.0 <= s["items"][0].min() and s["items"][0].max() <= 1.0 for s in resized)
+    assert all(s["items"][0].dtype == torch.uint8 for s in resized)  # scaled to [0, 1] by the model
     piped = ImageTextShards(f"pipe:cat {paths[2]}", image_size=32, image_first_prob=0.0, repeat=False)
     assert sorted(s["id"] for s in piped) == [f"{i:09d}" for i in range(16, NUM)]
 
@@ -157,23 +158,34 @@ def test_a_failing_pipe_command_is_damage_but_an_early_stop_is_quiet(shards):
     stream.close()  # the command exits 2 once its reader is gone: that is no error
 
 
+def _png_bytes():
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(out, format="PNG")
+    return out.getvalue()
+
+
 def test_decode_image_converts_modes_and_crops_the_centre():
+    assert decode_image(encoded_png := _png_bytes(), 4).dtype == torch.uint8 and len(encoded_png) > 0
+
+    def decode(data, size):
+        return to_unit_range(decode_image(data, size))
+
     def encoded(image, fmt="PNG"):
         out = io.BytesIO()
         image.save(out, format=fmt)
         return out.getvalue()
 
-    grey = decode_image(encoded(Image.new("L", (20, 20), 128)), 20)
+    grey = decode(encoded(Image.new("L", (20, 20), 128)), 20)
     assert grey.shape == (3, 20, 20) and torch.allclose(grey, torch.full_like(grey, 128 / 255))
-    transparent = decode_image(encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0))), 8)
+    transparent = decode(encoded(Image.new("RGBA", (8, 8), (255, 0, 0, 0))), 8)
     assert torch.equal(transparent, torch.ones(3, 8, 8))  # transparent pixels over white
     palette = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P")
-    assert torch.equal(decode_image(encoded(palette), 8)[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.equal(decode(encoded(palette), 8)[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))
     stripes = np.zeros((20, 60, 3), np.uint8)  # red | green | blue, 20 px each: the centre crop is green
     stripes[:, :20, 0], stripes[:, 20:40, 1], stripes[:, 40:, 2] = 255, 255, 255
-    centre = decode_image(encoded(Image.fromarray(stripes)), 20)
+    centre = decode(encoded(Image.fromarray(stripes)), 20)
     assert torch.equal(centre, torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand(3, 20, 20))
-    upscaled = decode_image(encoded(Image.fromarray(stripes), "WEBP"), 40)
+    upscaled = decode(encoded(Image.fromarray(stripes), "WEBP"), 40)
     assert upscaled.shape == (3, 40, 40) and 0.0 <= upscaled.min() and upscaled.max() <= 1.0
 
 

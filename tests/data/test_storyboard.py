@@ -21,7 +21,7 @@ from emu_lightning.data.storyboard import (
 )
 from emu_lightning.data.streaming import DataSourceError
 from emu_lightning.data.world import ShapesWorld
-from emu_lightning.sequence import SequenceBuilder
+from emu_lightning.sequence import SequenceBuilder, to_unit_range
 from emu_lightning.tokenizer import load_tokenizer
 
 VTT = """\ufeffWEBVTT - a hand-written file
@@ -96,7 +96,10 @@ def test_a_hand_written_document_merges_frames_and_cues(tmp_path, world):
     frames = [{"time": t, "image": f"{k}.png"} for k, t in [(2, 3600.25), (0, 0.0), (1, 3.0)]]  # any order
     (tmp_path / "index.jsonl").write_text(write_document(tmp_path, "v", frames, "v.vtt", VTT) + "\n")
     (sample,) = list(source(tmp_path / "index.jsonl"))
-    kinds = [item if isinstance(item, str) else int(item[0].max().mul(255).round()) // 40 for item in sample["items"]]
+    kinds = [
+        item if isinstance(item, str) else int(to_unit_range(item)[0].max().mul(255).round()) // 40
+        for item in sample["items"]
+    ]
     assert kinds == [0, "Hello there, second line & more", 1, "no id, minutes only", 2, "an hour in"]
     assert sample["id"] == "v" and sample["times"] == [0.0, 3.0, 3600.25]
     assert sample["skipped"] == {"broken_timestamps": 3}
@@ -114,7 +117,9 @@ def test_shapesworld_storyboards_round_trip(tmp_path, world, subtitles):
         for k in range(4):
             frame, text = sample["items"][2 * k : 2 * k + 2]
             scene = 4 * i + k
-            assert torch.allclose(frame, world.image("val", scene), atol=1 / 255)  # PNG: exact up to rounding
+            assert torch.allclose(
+                to_unit_range(frame), world.image("val", scene), atol=1 / 255
+            )  # PNG: exact up to rounding
             assert text == world.captions(world.scene("val", scene))[1]
 
 
@@ -135,7 +140,8 @@ def test_frames_are_resized_on_the_shorter_side_and_centre_cropped(tmp_path):
     (tmp_path / "index.jsonl").write_text(line + "\n")
     (sample,) = list(source(tmp_path / "index.jsonl", image_size=16))
     frame = sample["items"][0]  # 64x32 -> 32x16, keep columns 8..23: half red, half blue
-    assert frame.shape == (3, 16, 16) and frame.dtype == torch.float32
+    assert frame.shape == (3, 16, 16) and frame.dtype == torch.uint8
+    frame = to_unit_range(frame)
     assert frame[0, :, :7].min() == 1 and frame[2, :, 9:].min() == 1 and frame[2, :, :7].max() == 0
 
 

@@ -56,8 +56,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, image_size: int) -> Tensor:
-    """Decode image bytes into a ``(3, S, S)`` float32 RGB tensor in ``[0, 1]``: the shorter side is resized to
-    ``S`` (bicubic), then the centre square is cropped. Raises whatever PIL raises on broken bytes."""
+    """Decode image bytes into a ``(3, S, S)`` uint8 RGB tensor: the shorter side is resized to ``S`` (bicubic),
+    then the centre square is cropped. Raises whatever PIL raises on broken bytes.
+
+    uint8, not float: a quarter of the bytes to hand from a DataLoader worker to the training process; the
+    model scales images to ``[0, 1]`` on its device (:func:`emu_lightning.sequence.to_unit_range`)."""
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()  # decode now, so truncated or corrupt bytes fail here
         image = _to_rgb(opened)
@@ -68,7 +71,7 @@ def decode_image(data: bytes, image_size: int) -> Tensor:
         image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 @contextmanager

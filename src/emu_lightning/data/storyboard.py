@@ -300,11 +300,13 @@ class StoryboardVideos(StreamingSource):
         for k in even_subset(len(frames), self.max_frames):
             time, image = frames[k]
             path = root / image
-            if not path.is_file():
+            try:
+                data = path.read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 yield Skip("missing_frame", str(path))
                 continue
             try:
-                loaded.append((time, decode_image(path.read_bytes(), self.image_size)))
+                loaded.append((time, decode_image(data, self.image_size)))
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 yield Skip("corrupt_frame", f"{path}: {err}")
         if not loaded:

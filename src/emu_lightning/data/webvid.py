@@ -59,10 +59,11 @@ def fit_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def centre_crop(rgb: np.ndarray, size: int) -> Tensor:
-    """The central ``size x size`` crop of an ``(H, W, 3)`` uint8 array as a ``(3, S, S)`` float tensor in [0, 1]."""
+    """The central ``size x size`` crop of an ``(H, W, 3)`` uint8 array as a ``(3, S, S)`` uint8 tensor (the model
+    scales it to [0, 1] on its device, as :func:`~emu_lightning.data.pairs.decode_image`'s images)."""
     top, left = (rgb.shape[0] - size) // 2, (rgb.shape[1] - size) // 2
     crop = np.ascontiguousarray(rgb[top : top + size, left : left + size])
-    return torch.from_numpy(crop).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(crop).permute(2, 0, 1).contiguous()
 
 
 def frame_to_tensor(frame: av.VideoFrame, size: int) -> Tensor:
