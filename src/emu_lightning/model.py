@@ -297,8 +297,9 @@ class EmuModel(L.LightningModule):
             images.append(x)
             conditions.append(c)
         mse = self.decoder.fit_sketch(torch.cat(conditions), torch.cat(images))
+        fitted = [m for m in (self.decoder.spatial, self.decoder.condition_norm) if m is not None]
         with torch.no_grad():  # every rank fitted on its own batches: all start from rank 0's solution
-            for tensor in self.decoder.state_dict().values():
+            for tensor in (t for m in fitted for t in m.state_dict().values()):
                 tensor.copy_(self.trainer.strategy.broadcast(tensor, src=0))
         rank_zero_info(f"decoder sketch fitted in closed form on {sum(len(x) for x in images)} pairs (MSE {mse:.4f})")
 

@@ -17,7 +17,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from emu_lightning.data.modules import EmuDataModule, StreamingDataModule
-from emu_lightning.data.streaming import DataSourceError, StreamingSource, distributed_rank
+from emu_lightning.data.streaming import StreamingSource, distributed_rank
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
@@ -77,7 +77,8 @@ class MixedStream(IterableDataset):
 
     Each stream splits its own units across ranks and workers. A stream that ends is dropped when it is a single
     pass (``repeat=False``), so a finite mixture ends when all its streams have ended, its last batches short of
-    the ended sources; a repeating stream that ends had nothing to read in this process, which is an error.
+    the ended sources. A repeating stream never ends: a reader with nothing to read in this process raises
+    :class:`~emu_lightning.data.streaming.DataSourceError` itself.
 
     Args:
         streams: the sources by name.
@@ -105,37 +106,33 @@ class MixedStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         iterators = {name: iter(stream) for name, stream in self.streams.items()}
-        where = f"rank {rank}, worker {worker}"
         if self.batched:
-            return self._batches(iterators, where)
-        return self._samples(iterators, np.random.default_rng([self.seed, rank, worker]), where)
+            return self._batches(iterators)
+        return self._samples(iterators, np.random.default_rng([self.seed, rank, worker]))
 
-    def _next(self, iterators: dict[str, Iterator], name: str, where: str) -> dict[str, Any] | None:
+    @staticmethod
+    def _next(iterators: dict[str, Iterator], name: str) -> dict[str, Any] | None:
         """The next sample of ``name``, or None (and ``name`` dropped) when its single pass has ended."""
         try:
             return next(iterators[name])
         except StopIteration:
-            if self.streams[name].repeat:
-                raise DataSourceError(
-                    f"source {name!r} has nothing to read on {where}: it needs at least one unit per rank and worker"
-                ) from None
             del iterators[name]
             return None
 
-    def _samples(self, iterators: dict[str, Iterator], rng: np.random.Generator, where: str) -> Iterator[dict]:
+    def _samples(self, iterators: dict[str, Iterator], rng: np.random.Generator) -> Iterator[dict]:
         while iterators:
             names = list(iterators)
             p = np.array([self.weights[name] for name in names], dtype=float)
-            sample = self._next(iterators, names[rng.choice(len(names), p=p / p.sum())], where)
+            sample = self._next(iterators, names[rng.choice(len(names), p=p / p.sum())])
             if sample is not None:
                 yield sample
 
-    def _batches(self, iterators: dict[str, Iterator], where: str) -> Iterator[list[dict]]:
+    def _batches(self, iterators: dict[str, Iterator]) -> Iterator[list[dict]]:
         while iterators:
             batch = []
             for name, size in self.weights.items():
                 for _ in range(int(size)):
-                    sample = self._next(iterators, name, where) if name in iterators else None
+                    sample = self._next(iterators, name) if name in iterators else None
                     if sample is not None:
                         batch.append(sample)
             if batch:

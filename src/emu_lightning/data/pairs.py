@@ -55,6 +55,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def fit_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
+    """The ``(width, height)`` that scales the shorter side to ``size``, keeping the aspect ratio."""
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
 def decode_image(data: bytes, image_size: int) -> Tensor:
     """Decode image bytes into a ``(3, S, S)`` uint8 RGB tensor: the shorter side is resized to ``S`` (bicubic),
     then the centre square is cropped. Raises whatever PIL raises on broken bytes.
@@ -64,11 +70,8 @@ def decode_image(data: bytes, image_size: int) -> Tensor:
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()  # decode now, so truncated or corrupt bytes fail here
         image = _to_rgb(opened)
-    width, height = image.size
-    if min(width, height) != image_size:
-        scale = image_size / min(width, height)
-        size = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
+    if min(image.size) != image_size:
+        image = image.resize(fit_shorter_side(*image.size, image_size), Image.Resampling.BICUBIC)
     left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()

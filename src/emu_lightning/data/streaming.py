@@ -127,7 +127,6 @@ class StreamingSource(IterableDataset):
         self.name, self.shuffle, self.repeat, self.seed, self.split_by_node = name, shuffle, repeat, seed, split_by_node
         self.skipped: Counter = Counter()
         """Skips counted in this process (all of them with ``num_workers=0``; each worker keeps its own)."""
-        self.yielded = 0
         self._iterations = 0
 
     # ------------------------------------------------------------------ subclass interface
@@ -140,21 +139,23 @@ class StreamingSource(IterableDataset):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ iteration
-    def my_units(self) -> list[tuple[int, Any]]:
-        """This process's units with their indices in :meth:`units`: split by rank (with ``split_by_node``),
-        then by DataLoader worker."""
+    def my_units(self, everything: list[tuple[int, Any]] | None = None) -> list[tuple[int, Any]]:
+        """This process's units with their indices in :meth:`units` (or in ``everything``, their enumeration):
+        split by rank (with ``split_by_node``), then by DataLoader worker."""
+        everything = list(enumerate(self.units())) if everything is None else everything
         rank, world = distributed_rank() if self.split_by_node else (0, 1)
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return split_units(list(enumerate(self.units())), rank, world, worker, workers)
+        return split_units(everything, rank, world, worker, workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        units = self.my_units()
+        everything = list(enumerate(self.units()))
+        units = self.my_units(everything)
         if not units:
-            if self.repeat and self.units():  # a training process with nothing to read would stall the others
+            if self.repeat and everything:  # a training process with nothing to read would stall the others
                 raise DataSourceError(
                     f"source {self.name!r}: this process (rank, worker) has no units to read: "
-                    f"{len(self.units())} units for more ranks x workers; use fewer workers or more shards"
+                    f"{len(everything)} units for more ranks x workers; use fewer workers or more shards"
                 )
             return
         pending: Counter = Counter()
@@ -164,7 +165,7 @@ class StreamingSource(IterableDataset):
             order = list(range(len(units)))
             if self.shuffle:
                 np.random.default_rng([self.seed, epoch]).shuffle(order)
-            used = skipped = 0
+            used = 0
             for k in order:
                 index, unit = units[k]
                 rng = np.random.default_rng([self.seed, epoch, index, 1])
@@ -172,15 +173,12 @@ class StreamingSource(IterableDataset):
                     if isinstance(sample, Skip):
                         pending[sample.reason] += 1
                         self.skipped[sample.reason] += 1
-                        skipped += 1
                         continue
                     sample = {**sample, "source": self.name, "skipped": dict(pending) if pending else None}
                     pending.clear()
                     used += 1
-                    self.yielded += 1
                     yield sample
             if used == 0:
-                everything = list(enumerate(self.units()))
                 if len(units) == len(everything) or not self._any_usable(everything, units):
                     reasons = ", ".join(f"{r}: {n}" for r, n in self.skipped.most_common())
                     raise DataSourceError(

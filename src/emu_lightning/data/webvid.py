@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from emu_lightning.data.modules import StreamingDataModule
+from emu_lightning.data.pairs import fit_shorter_side
 from emu_lightning.data.streaming import Skip, StreamingSource
 from emu_lightning.data.world import BACKGROUND, ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
@@ -52,12 +53,6 @@ class VideoError(Exception):
 
 
 # ---------------------------------------------------------------------- pixels
-def fit_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
-    """The ``(width, height)`` that scales the shorter side to ``size``, keeping the aspect ratio."""
-    scale = size / min(width, height)
-    return max(size, round(width * scale)), max(size, round(height * scale))
-
-
 def centre_crop(rgb: np.ndarray, size: int) -> Tensor:
     """The central ``size x size`` crop of an ``(H, W, 3)`` uint8 array as a ``(3, S, S)`` uint8 tensor (the model
     scales it to [0, 1] on its device, as :func:`~emu_lightning.data.pairs.decode_image`'s images)."""
