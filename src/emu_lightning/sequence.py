@@ -183,8 +183,8 @@ class SequenceBuilder:
             labels.extend(tokens if loss else [IGNORE_INDEX] * len(tokens))
             if truncated:
                 break
-        if self.eos_id is not None and not truncated:
-            if len(ids) < budget:
+        if self.eos_id is not None and not truncated and ids[-1:] != [self.eos_id]:  # one EOS: a sample can end
+            if len(ids) < budget:  # with END_OF_CHUNK already (a conversation's last answer)
                 ids.append(self.eos_id)
                 labels.append(self.eos_id)
             else:
