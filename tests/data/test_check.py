@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from webdataset import TarWriter
 
 from emu_lightning.data import check
+from emu_lightning.data.instruct import write_shapesworld_llava
 from emu_lightning.data.mmc4 import write_shapesworld_mmc4
 from emu_lightning.data.pairs import shapesworld_pair_record, shard_pattern, write_shapesworld_pairs
 from emu_lightning.data.storyboard import write_shapesworld_storyboard
-from emu_lightning.data.webvid import write_shapesworld_webvid
+from emu_lightning.data.webvid import write_mp4, write_shapesworld_webvid
 from emu_lightning.data.world import ShapesWorld
 
 SIZE = ["--image-size", "32"]
@@ -236,6 +238,86 @@ def test_storyboard_drops_frames_and_documents(world, tmp_path, capsys):
     }
 
 
+# ---------------------------------------------------------------------- instruction conversations
+def chat(*values: str) -> list[dict]:
+    """Alternating human / gpt turns."""
+    return [{"from": ("human", "gpt")[k % 2], "value": v} for k, v in enumerate(values)]
+
+
+def test_llava_with_an_image_dir_elsewhere(world, tmp_path, capsys):
+    written = write_shapesworld_llava(world, tmp_path / "sw", num_dialogues=4)
+    entries = json.loads(written.read_text())
+    assert entries[2]["image"] == "images/shapes_train_000000000002.png"  # no other dialogue shows scene 2
+    (tmp_path / "sw" / entries[2]["image"]).write_bytes(b"garbage")
+    entries += [
+        {"id": "x", "image": "images/none.png", "conversations": chat("<image>\nwhat?", "a shape.")},
+        {"id": "y", "conversations": chat("<image>\nwhat?", "a shape.")},  # a tag without an image
+    ]
+    path = tmp_path / "meta" / "llava.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(entries))
+    code, report = run_check(capsys, "--format", "llava", str(path), *SIZE, "--image-dir", str(tmp_path / "sw"))
+    assert code == 0
+    assert report == {
+        "format": "llava",
+        "paths": [str(path)],
+        "ok": 3,
+        "skipped": 3,
+        "reasons": {"corrupt_image": 1, "missing_image": 1, "image_tag_mismatch": 1},
+    }
+    # Without --image-dir, the images are looked for next to the json, where there are none.
+    code, report = run_check(capsys, "--format", "llava", str(path), *SIZE)
+    assert code == 1
+    assert counts(report) == {"ok": 0, "skipped": 6, "reasons": {"missing_image": 5, "image_tag_mismatch": 1}}
+
+
+def test_sharegpt_and_alpaca(tmp_path, capsys):
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(
+        json.dumps(
+            [
+                {"id": "a", "conversations": chat("hi", "hello.")},
+                {"id": "b", "conversations": [{"from": "gpt", "value": "i start."}, *chat("ok", "fine.")]},
+                {"id": "c", "conversations": [{"from": "human", "value": "hi"}, *chat("again", "x.")]},
+                {"id": "d", "conversations": chat("hi", " ")},
+            ]
+        )
+    )
+    code, report = run_check(capsys, "--format", "sharegpt", str(sharegpt))
+    assert code == 0 and counts(report) == {
+        "ok": 2,
+        "skipped": 3,
+        "reasons": {"dropped_leading_turn": 1, "bad_roles": 1, "empty_turn": 1},
+    }
+    alpaca = tmp_path / "alpaca.jsonl"
+    lines = [{"instruction": "say hi.", "input": "", "output": "hi."}, {"instruction": "say hi.", "input": ""}]
+    alpaca.write_text("".join(json.dumps(line) + "\n" for line in lines) + "{not json\n")
+    code, report = run_check(capsys, "--format", "alpaca", str(alpaca))
+    assert code == 0 and counts(report) == {"ok": 1, "skipped": 2, "reasons": {"missing_field": 1, "malformed_json": 1}}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "entries"),
+    [
+        ("videochat", [{"video": "clip.mp4", "QA": [{"q": "what?", "a": "a clip."}]},
+                       {"video": "gone.mp4", "QA": [{"q": "what?", "a": "a clip."}]}]),
+        ("video_chatgpt", [{"video_id": "clip", "q": "what?", "a": "a clip."},
+                           {"video_id": "gone", "q": "what?", "a": "a clip."}]),
+    ],
+)  # fmt: skip
+def test_video_instructions_with_a_video_dir_elsewhere(fmt, entries, tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    write_mp4(tmp_path / "videos" / "clip.mp4", torch.rand(8, 3, 32, 32), fps=8)
+    path = tmp_path / f"{fmt}.json"
+    path.write_text(json.dumps(entries))
+    args = ["--format", fmt, str(path), *SIZE, "--num-frames", "4"]
+    code, report = run_check(capsys, *args, "--video-dir", str(tmp_path / "videos"))
+    assert code == 0
+    assert report == {"format": fmt, "paths": [str(path)], "ok": 1, "skipped": 1, "reasons": {"missing_video": 1}}
+    code, report = run_check(capsys, *args)
+    assert code == 1 and counts(report) == {"ok": 0, "skipped": 2, "reasons": {"missing_video": 2}}
+
+
 # ---------------------------------------------------------------------- nothing usable
 def test_an_all_bad_source_exits_1_with_its_reasons(pairs, tmp_path, capsys):
     _, mixed, _ = pairs
@@ -254,6 +336,8 @@ def test_an_all_bad_source_exits_1_with_its_reasons(pairs, tmp_path, capsys):
         ("mmc4", "gone.txt", {"error": "ValueError: "}),
         ("webvid", "gone.csv", {"error": "FileNotFoundError: WebVid csv"}),
         ("storyboard", "gone.jsonl", {"error": "FileNotFoundError: storyboard index"}),
+        ("llava", "gone.json", {"error": "FileNotFoundError: instruction file"}),
+        ("alpaca", "gone.txt", {"error": "ValueError: "}),
     ],
 )
 def test_a_missing_path_exits_1(fmt, name, expected, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Data: the built-in ShapesWorld, one reader and one LightningDataModule per source, and their mixture."""
 
+from emu_lightning.data.instruct import InstructionConversations, InstructionDataModule, write_shapesworld_llava
 from emu_lightning.data.mixture import MixedStream, MixtureDataModule
 from emu_lightning.data.mmc4 import MMC4DataModule, MMC4Documents
 from emu_lightning.data.modules import EmuDataModule, ShapesWorldDataModule, ShapesWorldPairs, StreamingDataModule
@@ -14,6 +15,8 @@ __all__ = [
     "EmuDataModule",
     "ImageTextDataModule",
     "ImageTextShards",
+    "InstructionConversations",
+    "InstructionDataModule",
     "MMC4DataModule",
     "MMC4Documents",
     "MixedStream",
@@ -30,4 +33,5 @@ __all__ = [
     "StreamingSource",
     "WebVidDataModule",
     "WebVidVideos",
+    "write_shapesworld_llava",
 ]

@@ -4,11 +4,13 @@
     python -m emu_lightning.data.check --format mmc4 docs/*.jsonl --image-dir images/
     python -m emu_lightning.data.check --format webvid results_2M_train.csv --video-dir videos/
     python -m emu_lightning.data.check --format storyboard storyboards/index.jsonl --root storyboards/
+    python -m emu_lightning.data.check --format llava llava_instruct_150k.json --image-dir coco/train2017/
+    python -m emu_lightning.data.check --format videochat videochat_instruct_11k.json --video-dir videos/
 
 Prints one JSON object: ``ok`` (samples that would be used), ``skipped`` (samples, or for storyboards also
-single frames and subtitle lines, that would be dropped) and ``reasons`` (count per reason), plus the format
-and paths. Exits 0 when at least one sample is usable, 1 otherwise (including a source that cannot be opened,
-with ``error`` in the JSON).
+single frames and subtitle lines and for chat formats also leading assistant turns, that would be dropped) and
+``reasons`` (count per reason), plus the format and paths. Exits 0 when at least one sample is usable, 1
+otherwise (including a source that cannot be opened, with ``error`` in the JSON).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from emu_lightning.data.instruct import FORMATS as INSTRUCTION_FORMATS
+from emu_lightning.data.instruct import InstructionConversations
 from emu_lightning.data.mmc4 import MMC4Documents
 from emu_lightning.data.pairs import ImageTextShards
 from emu_lightning.data.storyboard import StoryboardVideos
 from emu_lightning.data.streaming import StreamingSource
 from emu_lightning.data.webvid import WebVidVideos
 
-FORMATS = ("webdataset", "mmc4", "webvid", "storyboard")
+FORMATS = ("webdataset", "mmc4", "webvid", "storyboard", *INSTRUCTION_FORMATS)
 
 
 def open_source(fmt: str, paths: Sequence[str], args: argparse.Namespace) -> StreamingSource:
@@ -39,6 +43,9 @@ def open_source(fmt: str, paths: Sequence[str], args: argparse.Namespace) -> Str
         return WebVidVideos(list(paths), video_dir=args.video_dir, num_frames=args.num_frames, train=False, **common)
     if fmt == "storyboard":
         return StoryboardVideos(list(paths), root=args.root, **common)
+    if fmt in INSTRUCTION_FORMATS:
+        dirs = dict(image_dir=args.image_dir, video_dir=args.video_dir, num_frames=args.num_frames)
+        return InstructionConversations(list(paths), fmt, train=False, **dirs, **common)
     raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
@@ -55,12 +62,20 @@ def check(fmt: str, paths: Sequence[str], args: argparse.Namespace) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, choices=FORMATS, help="the source's on-disk format")
-    p.add_argument("paths", nargs="+", help="shards (brace patterns, pipe: URLs), jsonl, csv or index files")
-    p.add_argument("--image-dir", help="MMC4: folder of the documents' images (default: each jsonl's folder)")
-    p.add_argument("--video-dir", help="WebVid: folder holding {page_dir}/{videoid}.mp4 (default: the csv's)")
+    p.add_argument("paths", nargs="+", help="shards (brace patterns, pipe: URLs), json, jsonl, csv or index files")
+    p.add_argument(
+        "--image-dir", help="MMC4, llava: folder the images are named relative to (default: each jsonl/json's folder)"
+    )
+    p.add_argument(
+        "--video-dir",
+        help="WebVid: folder holding {page_dir}/{videoid}.mp4 (default: the csv's); videochat, video_chatgpt: "
+        "folder the videos are named relative to (default: the json's)",
+    )
     p.add_argument("--root", help="storyboard: folder frame and subtitle paths are relative to (default: the index's)")
     p.add_argument("--image-size", type=int, default=224, help="side images and frames are resized to")
-    p.add_argument("--num-frames", type=int, default=8, help="WebVid: frames sampled per video")
+    p.add_argument(
+        "--num-frames", type=int, default=8, help="WebVid, videochat, video_chatgpt: frames sampled per video"
+    )
     p.add_argument("--sim-threshold", type=float, default=0.32, help="MMC4: least image-sentence similarity")
     p.add_argument("--limit", type=int, default=None, help="stop after this many samples (usable or not)")
     args = p.parse_args(argv)

@@ -1,0 +1,595 @@
+"""Instruction-tuning conversations (Emu-I) in their released on-disk formats.
+
+Every format is a json list of entries (``.json``) or one entry per line (``.jsonl``):
+
+- ``llava`` (LLaVA-Instruct): ``{"id", "image": "rel/path.jpg" | [paths] (absent: text only), "conversations":
+  [{"from": "human", "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}``; each
+  ``<image>`` tag is replaced by the next image (found under ``image_dir``), in order.
+- ``sharegpt``: ``{"id", "conversations": [...]}`` with the roles ``human`` / ``user``, ``gpt`` / ``chatgpt`` /
+  ``bard`` / ``assistant`` and ``system``; text only.
+- ``alpaca``: ``{"instruction", "input", "output"}``: one user turn (the instruction, then ``"\\n\\n"`` and the
+  input when there is one) and one assistant turn.
+- ``videochat`` (VideoChat-Instruct-11K): ``{"video": "rel.mp4", "QA": [{"i": instruction (optional), "q",
+  "a"}, ...]}``: one user turn per QA (instruction and question joined by a newline), one assistant turn each.
+- ``video_chatgpt`` (VideoInstruct-100K): ``{"video_id": "v_xxx", "q", "a"}``; the video is
+  ``{video_dir}/{video_id}`` with ``.mp4``, ``.mkv`` or ``.avi``, the first that exists.
+
+For the chat formats (``llava``, ``sharegpt``) a leading ``system`` turn replaces the system message for that
+conversation, and leading assistant turns (ShareGPT conversations that start with the bot) are dropped. A
+video is decoded to ``num_frames`` frames with :func:`~emu_lightning.data.webvid.read_clip` (a random time in
+each segment for training, its centre for evaluation) and placed as one ``(F, 3, S, S)`` item before the
+first user turn's text. The turns become sequence items with
+:func:`~emu_lightning.conversation.conversation_items`: the loss falls on the assistant turns only.
+
+Units are chunks of ``conversations_per_unit`` entries of a file, located by byte offset, so one big json
+splits across ranks and workers and each process reads only its chunks' bytes. Finding the entries of a
+``.json`` list means parsing the whole file once, when the reader is built (a ``.jsonl`` file is only scanned
+for line ends); every process that builds a reader pays this once, not per unit.
+
+Skip reasons (each counts one conversation, except where said):
+
+- ``malformed_json``: a jsonl line that is not JSON, an entry that is not a JSON object, or a ``.json`` file
+  that does not parse as a list (one skip for the whole file; none of its entries is used).
+- ``missing_field``: a required field is absent or of the wrong type (``conversations``, a turn's ``from`` /
+  ``value``, ``image``, ``instruction`` / ``output``, ``video`` / ``QA`` / ``q`` / ``a``, ``video_id``).
+- ``bad_roles``: a turn with an unknown role, two turns of the same role in a row, or a system turn that does
+  not open the conversation.
+- ``no_assistant_turn``: no assistant turn after the first user turn, so nothing to train on.
+- ``image_tag_mismatch``: the number of ``<image>`` tags differs from the number of images (a tag with no
+  image, an image with no tag; any tag in a text-only or video format).
+- ``empty_turn``: a turn with no text (and no image).
+- ``missing_image`` / ``corrupt_image``: an image file that does not exist / does not decode.
+- ``missing_video`` / ``corrupt_video``: a video file that does not exist / does not decode (PyAV fails, no
+  video stream, truncated); ``too_few_frames``: fewer decodable frames than ``num_frames``.
+- ``bad_conversation``: any other problem the template reports (:class:`ConversationError`), e.g. text that
+  holds a reserved tag such as ``[USER]`` or ``[IMG]``.
+- ``dropped_leading_turn``: one leading assistant turn dropped; the conversation itself is still used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from torch import Tensor
+
+from emu_lightning.conversation import IMAGE_TAG, SYSTEM, ConversationError, conversation_items, split_image_tags
+from emu_lightning.data.modules import StreamingDataModule
+from emu_lightning.data.pairs import decode_image
+from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls
+from emu_lightning.data.webvid import VideoError, read_clip
+from emu_lightning.data.world import COLOURS, ShapesWorld
+from emu_lightning.sequence import SequenceBuilder
+
+FORMATS = ("llava", "sharegpt", "alpaca", "videochat", "video_chatgpt")
+ROLE_NAMES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+"""The roles of LLaVA and ShareGPT turns (``from``), as the template's roles."""
+SUFFIXES = (".json", ".jsonl")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi")
+"""Video-ChatGPT's file extensions, in the order a ``video_id``'s file is looked for."""
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_BOM = "\xef\xbb\xbf"  # UTF-8's byte order mark, read as latin-1
+
+
+class _Bad(Exception):
+    """A conversation that is skipped; ``reason`` is the skip reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------- files and units
+@dataclass(frozen=True)
+class JsonChunk:
+    """A unit: ``count`` entries of ``path`` from entry number ``first``, in bytes ``start`` to ``end``; a file
+    that does not parse is one unit with ``error`` set (read as one ``malformed_json`` skip)."""
+
+    path: Path
+    first: int
+    start: int
+    end: int
+    count: int
+    error: str = ""
+
+
+def _list_spans(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each element of the json list ``text``; raises ValueError where it is not one."""
+    decoder = json.JSONDecoder()
+    pos = _WHITESPACE.match(text, len(_BOM) if text.startswith(_BOM) else 0).end()
+    if not text.startswith("[", pos):
+        raise ValueError(f"expected a json list ('[') at byte {pos}")
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    end = pos + 1
+    if not text.startswith("]", pos):
+        while True:
+            _, end = decoder.raw_decode(text, pos)
+            yield pos, end
+            pos = _WHITESPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _WHITESPACE.match(text, pos + 1).end()
+                continue
+            if not text.startswith("]", pos):
+                raise ValueError(f"expected ',' or ']' at byte {pos}")
+            end = pos + 1
+            break
+    if _WHITESPACE.match(text, end).end() != len(text):
+        raise ValueError(f"extra data after the list at byte {end}")
+
+
+def _line_spans(path: Path) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each non-blank line of a jsonl file."""
+    offset = 0
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                yield offset, offset + len(line)
+            offset += len(line)
+
+
+def index_file(path: str | Path, per_unit: int) -> list[JsonChunk]:
+    """Cut a ``.json`` list or ``.jsonl`` file into chunks of ``per_unit`` entries (a ``.json`` file that does
+    not parse as a list gives one chunk with ``error``); raises FileNotFoundError for a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"instruction file {str(path)!r} does not exist")
+    if path.suffix == ".jsonl":
+        spans = _line_spans(path)
+    else:
+        # Latin-1 maps each byte to one character, so character offsets are byte offsets; the json structure
+        # is ASCII, and UTF-8's multi-byte characters (all bytes >= 0x80) can only sit inside strings.
+        spans = _list_spans(path.read_bytes().decode("latin-1"))
+    chunks: list[JsonChunk] = []
+    count = start = last = 0
+    try:
+        for number, (begin, end) in enumerate(spans):
+            if number % per_unit == 0:
+                if number:
+                    chunks.append(JsonChunk(path, number - per_unit, start, last, per_unit))
+                start = begin
+            last = end
+            count = number + 1
+    except ValueError as error:
+        return [JsonChunk(path, 0, 0, 0, 0, error=str(error))]
+    if count:
+        first = (count - 1) // per_unit * per_unit
+        chunks.append(JsonChunk(path, first, start, last, count - first))
+    return chunks
+
+
+def read_chunk(chunk: JsonChunk) -> list[Any | Skip]:
+    """The entries of one chunk (a ``malformed_json`` :class:`Skip` for each jsonl line that does not parse)."""
+    with chunk.path.open("rb") as f:
+        f.seek(chunk.start)
+        data = f.read(chunk.end - chunk.start)
+    if chunk.path.suffix != ".jsonl":
+        try:  # the chunk's bytes are the list's elements with the commas between them
+            return json.loads("[" + data.decode("utf-8", errors="replace") + "]")
+        except ValueError as error:  # the file changed since it was indexed
+            return [Skip("malformed_json", f"{chunk.path}: entries {chunk.first}+: {error}")]
+    entries: list[Any | Skip] = []
+    for number, line in enumerate((line for line in data.splitlines() if line.strip()), chunk.first):
+        try:
+            entries.append(json.loads(line))
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            entries.append(Skip("malformed_json", f"{chunk.path.name}:{number}: {error}"))
+    return entries
+
+
+# ---------------------------------------------------------------------- formats
+@dataclass
+class Dialogue:
+    """An entry read from its format: ``(role, text)`` turns, image paths for its ``<image>`` tags, and the
+    candidate paths of its video (the first that exists is used)."""
+
+    turns: list[tuple[str, str]]
+    images: list[str] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+
+
+def _field(entry: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    value = entry.get(key)
+    if not isinstance(value, kind):
+        raise _Bad("missing_field", f"{where}{key!r} is missing or not a {getattr(kind, '__name__', 'value')}")
+    return value
+
+
+def _chat(entry: dict[str, Any]) -> Dialogue:
+    """LLaVA and ShareGPT: ``conversations`` of ``{"from", "value"}`` turns (LLaVA: with ``image``)."""
+    turns = []
+    for k, turn in enumerate(_field(entry, "conversations", list)):
+        if not isinstance(turn, dict):
+            raise _Bad("missing_field", f"turn {k} is not an object")
+        role, value = _field(turn, "from", str, f"turn {k}: "), _field(turn, "value", str, f"turn {k}: ")
+        if role not in ROLE_NAMES:
+            raise _Bad("bad_roles", f"turn {k} has role {role!r}; expected one of {list(ROLE_NAMES)}")
+        turns.append((ROLE_NAMES[role], value))
+    images = entry.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise _Bad("missing_field", f"'image' must be a path or a list of paths, got {images!r}")
+    return Dialogue(turns, images)
+
+
+def _alpaca(entry: dict[str, Any]) -> Dialogue:
+    instruction, output = _field(entry, "instruction", str), _field(entry, "output", str)
+    extra = _field(entry, "input", str) if entry.get("input") is not None else ""
+    prompt = "\n\n".join(part for part in (instruction.strip(), extra.strip()) if part)
+    return Dialogue([("user", prompt), ("assistant", output)])
+
+
+def _videochat(entry: dict[str, Any]) -> Dialogue:
+    video, turns = _field(entry, "video", str), []
+    for k, qa in enumerate(_field(entry, "QA", list)):
+        if not isinstance(qa, dict):
+            raise _Bad("missing_field", f"QA {k} is not an object")
+        question, answer = _field(qa, "q", str, f"QA {k}: "), _field(qa, "a", str, f"QA {k}: ")
+        instruction = _field(qa, "i", str, f"QA {k}: ") if qa.get("i") is not None else ""
+        turns += [("user", "\n".join(p for p in (instruction.strip(), question.strip()) if p)), ("assistant", answer)]
+    return Dialogue(turns, videos=[video])
+
+
+def _video_chatgpt(entry: dict[str, Any]) -> Dialogue:
+    video_id, question, answer = (_field(entry, key, str) for key in ("video_id", "q", "a"))
+    return Dialogue([("user", question), ("assistant", answer)], videos=[video_id + s for s in VIDEO_SUFFIXES])
+
+
+PARSERS = {
+    "llava": _chat,
+    "sharegpt": _chat,
+    "alpaca": _alpaca,
+    "videochat": _videochat,
+    "video_chatgpt": _video_chatgpt,
+}
+
+
+def _check_roles(turns: list[tuple[str, str]], system: str | None) -> tuple[list[tuple[str, str]], str | None, int]:
+    """The turns from the first user turn on, the system message (a leading system turn's, else ``system``)
+    and how many leading assistant turns were dropped; raises for roles the template cannot take."""
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1].strip(), turns[1:]
+    if any(role == "system" for role, _ in turns):
+        raise _Bad("bad_roles", "a system turn that does not open the conversation")
+    dropped = 0
+    while turns and turns[0][0] != "user":
+        turns, dropped = turns[1:], dropped + 1
+    for k in range(1, len(turns)):
+        if turns[k][0] == turns[k - 1][0]:
+            raise _Bad("bad_roles", f"turns {k - 1} and {k} are both {turns[k][0]} turns")
+    if not any(role == "assistant" for role, _ in turns):
+        raise _Bad("no_assistant_turn", f"{len(turns)} turn(s) from the first user turn, none by the assistant")
+    return turns, system, dropped
+
+
+# ---------------------------------------------------------------------- source
+class InstructionConversations(StreamingSource):
+    """Instruction conversations of one format (see the module docstring for the formats and the skip reasons),
+    as samples ``{"items": conversation_items(...), "id": the entry's id}``; entries without an ``id`` get
+    ``"<file name>:<entry number>"``. Images are ``(3, S, S)`` uint8 tensors, videos ``(F, 3, S, S)``.
+
+    Args:
+        paths: ``.json`` / ``.jsonl`` files: a path, a brace pattern, or a list of them.
+        format: ``llava``, ``sharegpt``, ``alpaca``, ``videochat`` or ``video_chatgpt``.
+        image_size: side S of the square images and frames (shorter side resized, then centre-cropped).
+        image_dir: folder LLaVA's image paths are relative to; by default each file's own folder.
+        video_dir: folder the video paths (VideoChat) and ids (Video-ChatGPT) are relative to; by default each
+            file's own folder.
+        num_frames: frames sampled per video, one per equal segment.
+        system: the system message of every conversation (a leading ``system`` turn replaces it); ``None`` or
+            ``""``: none.
+        train: sample a random time in each video segment (from the reader's seeded rng); False: the centre.
+        conversations_per_unit: entries per unit, the grain at which ranks and workers split a file.
+        name: the source's name in sample metadata and skip counts; by default the format.
+        shuffle: shuffle the units and the entries inside each (seeded).
+        repeat: start a new pass when one ends.
+        seed: seeds every random choice.
+        split_by_node: split units across distributed ranks.
+    """
+
+    def __init__(
+        self,
+        paths: str | Path | Sequence[str | Path],
+        format: str,
+        image_size: int = 224,
+        image_dir: str | Path | None = None,
+        video_dir: str | Path | None = None,
+        num_frames: int = 8,
+        system: str | None = SYSTEM,
+        train: bool = True,
+        conversations_per_unit: int = 64,
+        name: str | None = None,
+        shuffle: bool = True,
+        repeat: bool = True,
+        seed: int = 0,
+        split_by_node: bool = True,
+    ) -> None:
+        super().__init__(name or format, shuffle=shuffle, repeat=repeat, seed=seed, split_by_node=split_by_node)
+        if format not in FORMATS:
+            raise ValueError(f"format {format!r} is not one of {list(FORMATS)}")
+        if image_size < 1 or num_frames < 1 or conversations_per_unit < 1:
+            raise ValueError(
+                f"image_size {image_size}, num_frames {num_frames} and conversations_per_unit "
+                f"{conversations_per_unit} must be >= 1"
+            )
+        files = expand_urls([str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)])
+        if not files:
+            raise ValueError("no instruction file given")
+        for path in files:
+            if not path.endswith(SUFFIXES):
+                raise ValueError(f"{path!r} is not an instruction file (expected {' or '.join(SUFFIXES)})")
+        self.format, self.image_size, self.num_frames, self.train = format, image_size, num_frames, train
+        self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.video_dir = Path(video_dir) if video_dir is not None else None
+        self.system = system or None
+        self.chunks = [chunk for path in files for chunk in index_file(path, conversations_per_unit)]
+
+    def units(self) -> list[JsonChunk]:
+        return self.chunks
+
+    def read(self, unit: JsonChunk, rng: np.random.Generator) -> Iterator[dict[str, Any] | Skip]:
+        if unit.error:
+            yield Skip("malformed_json", f"{unit.path}: {unit.error}")
+            return
+        entries = list(enumerate(read_chunk(unit), start=unit.first))
+        if self.shuffle:
+            entries = [entries[i] for i in rng.permutation(len(entries))]
+        for number, entry in entries:
+            if isinstance(entry, Skip):
+                yield entry
+                continue
+            try:
+                yield from self.conversation(unit.path, number, entry, rng)
+            except _Bad as bad:
+                yield Skip(bad.reason, f"{unit.path.name}:{number}: {bad}")
+
+    def conversation(
+        self, path: Path, number: int, entry: Any, rng: np.random.Generator
+    ) -> Iterator[dict[str, Any] | Skip]:
+        """One entry as a sample, after a ``dropped_leading_turn`` skip per dropped turn; raises :class:`_Bad`."""
+        if not isinstance(entry, dict):
+            raise _Bad("malformed_json", f"an entry must be a JSON object, got {type(entry).__name__}")
+        dialogue = PARSERS[self.format](entry)
+        turns, system, dropped = _check_roles(dialogue.turns, self.system)
+        tags = sum(text.count(IMAGE_TAG) for _, text in turns)
+        if tags != len(dialogue.images):
+            raise _Bad("image_tag_mismatch", f"{tags} {IMAGE_TAG} tag(s) for {len(dialogue.images)} image(s)")
+        for k, (role, text) in enumerate(turns):
+            if IMAGE_TAG not in text and not text.strip():
+                raise _Bad("empty_turn", f"turn {k} ({role}) has no text")
+        images = [self.image(path, name) for name in dialogue.images]
+        video = self.video(path, dialogue.videos, rng) if dialogue.videos else None
+        content, used = [], 0
+        for role, text in turns:
+            count = text.count(IMAGE_TAG)
+            content.append({"role": role, "content": split_image_tags(text, images[used : used + count])})
+            used += count
+        if video is not None:
+            content[0]["content"].insert(0, video)
+        try:
+            items = conversation_items(content, system)
+        except ConversationError as error:
+            raise _Bad("bad_conversation", str(error)) from None
+        for _ in range(dropped):
+            yield Skip("dropped_leading_turn", f"{path.name}:{number}")
+        sample_id = entry.get("id")
+        yield {"items": items, "id": str(sample_id) if sample_id is not None else f"{path.name}:{number}"}
+
+    def image(self, path: Path, name: str) -> Tensor:
+        """An entry's image, relative to ``image_dir`` (or the file's folder); raises :class:`_Bad`."""
+        location = (self.image_dir or path.parent) / name
+        try:
+            data = location.read_bytes()
+        except OSError as error:
+            raise _Bad("missing_image", str(error)) from None
+        try:
+            return decode_image(data, self.image_size)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken bytes
+            raise _Bad("corrupt_image", f"{location}: {error}") from None
+
+    def video(self, path: Path, names: list[str], rng: np.random.Generator | None = None) -> Tensor:
+        """The first of ``names`` that exists under ``video_dir`` (or the file's folder), decoded; raises
+        :class:`_Bad`."""
+        folder = self.video_dir or path.parent
+        location = next((folder / n for n in names if (folder / n).is_file()), None)
+        if location is None:
+            raise _Bad("missing_video", str(folder / names[0]))
+        try:
+            frames, _ = read_clip(location, self.num_frames, self.image_size, rng if self.train else None)
+        except VideoError as error:
+            raise _Bad(error.reason, f"{location}: {error}") from None
+        except (av.FFmpegError, OSError) as error:
+            raise _Bad("corrupt_video", f"{location}: {error}") from None
+        return frames
+
+
+# ---------------------------------------------------------------------- ShapesWorld writer
+DIALOGUE_STREAM = 7
+"""The :meth:`ShapesWorld.rng` stream of a dialogue's kind, questions and number of turns."""
+DIALOGUE_KINDS = {"describe": 0.2, "answer": 0.4, "count": 0.2, "compare": 0.2}
+"""The kinds of ShapesWorld dialogues and how often each is drawn."""
+MAX_TURNS = 3
+DESCRIBE_PROMPTS = ("describe the image.", "what is in this picture?", "what do you see?", "describe the shapes.")
+COMPARE_PROMPTS = {
+    "which image has more shapes?": ("the first image.", "the second image."),
+    "which image has fewer shapes?": ("the second image.", "the first image."),
+}
+"""Two-image questions, with the answer when the first image has more shapes and when the second has."""
+SAME_NUMBER = "they have the same number of shapes."
+
+
+def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def shapesworld_dialogue(world: ShapesWorld, split: str, index: int) -> tuple[dict[str, Any], list[int]]:
+    """Dialogue ``index`` of ``split`` in LLaVA's format (its ``image`` still to be filled in), with its kind
+    (``describe``, ``answer``, ``count`` or ``compare``) in ``"kind"``, and the scene indices of its images.
+
+    The first user turn carries the image tag(s) and asks the kind's question: ``describe`` one of
+    :data:`DESCRIBE_PROMPTS`, ``answer`` one of :meth:`ShapesWorld.questions` about colours, shapes and presence,
+    ``count`` how many shapes (of one colour) there are, ``compare`` which of two images (scenes ``index`` and
+    ``index + 1``) has more or fewer shapes. 0 to ``MAX_TURNS - 1`` more turns ask further questions about the
+    same image(s) without tags. Answers are short and written as the VQA examples write them
+    (``f"{qa.answer}."``); descriptions are the caption that names positions (``captions[1]``).
+    """
+    rng = world.rng(split, index, stream=DIALOGUE_STREAM)
+    kind = list(DIALOGUE_KINDS)[int(rng.choice(len(DIALOGUE_KINDS), p=list(DIALOGUE_KINDS.values())))]
+    scene = world.scene(split, index)
+    caption = world.captions(scene)[1]
+    if kind == "compare":
+        other = world.scene(split, index + 1)
+        counts = len(scene.shapes), len(other.shapes)
+        question = _pick(rng, list(COMPARE_PROMPTS))
+        more_first, more_second = COMPARE_PROMPTS[question]
+        answer = SAME_NUMBER if counts[0] == counts[1] else more_first if counts[0] > counts[1] else more_second
+        scenes, first = [index, index + 1], (question, answer)
+        pool = [
+            ("how many shapes are in the first image?", f"{counts[0]}."),
+            ("how many shapes are in the second image?", f"{counts[1]}."),
+            ("describe the first image.", caption),
+            ("describe the second image.", world.captions(other)[1]),
+        ]
+    else:
+        qas = world.questions(split, index)
+        pool = [(qa.question, f"{qa.answer}.") for qa in qas] + [(_pick(rng, DESCRIBE_PROMPTS), caption)]
+        if kind == "describe":
+            first = pool[-1]
+        elif kind == "answer":  # the questions about colours, shapes and presence; counting is the count kind's
+            first = _pick(rng, [(qa.question, f"{qa.answer}.") for qa in qas if qa.answer_type != "number"])
+        else:  # count all shapes, or those of one colour (present or not)
+            colour = _pick(rng, list(COLOURS)) if rng.random() < 0.5 else _pick(rng, scene.shapes).colour
+            count = sum(s.colour == colour for s in scene.shapes)
+            first = _pick(rng, [("how many shapes are there?", f"{len(scene.shapes)}."),
+                                (f"how many {colour} shapes are there?", f"{count}.")])  # fmt: skip
+        scenes = [index]
+    pool = [qa for qa in pool if qa[0] != first[0]]
+    more = int(rng.integers(MAX_TURNS))
+    follow = [pool[int(k)] for k in rng.choice(len(pool), size=min(more, len(pool)), replace=False)]
+    conversations = []
+    for k, (question, answer) in enumerate([first, *follow]):
+        prompt = f"{IMAGE_TAG}\n" * len(scenes) + question if k == 0 else question
+        conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+    entry = {"id": f"shapesworld_{split}_{index:06d}", "kind": kind, "conversations": conversations}
+    return entry, scenes
+
+
+def write_shapesworld_llava(
+    world: ShapesWorld, root: str | Path, split: str = "train", num_dialogues: int = 100
+) -> Path:
+    """Write ``num_dialogues`` ShapesWorld dialogues (:func:`shapesworld_dialogue`) in LLaVA-Instruct's format:
+    ``{root}/llava_{split}.json`` and PNG images in ``{root}/images/``, named in the json relative to ``root``
+    (the reader's default ``image_dir``). Returns the json's path."""
+    if num_dialogues < 1:
+        raise ValueError(f"num_dialogues {num_dialogues} must be positive")
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    names: dict[int, str] = {}
+    entries = []
+    for index in range(num_dialogues):
+        entry, scenes = shapesworld_dialogue(world, split, index)
+        for scene in scenes:
+            if scene not in names:  # a compare dialogue shows the next dialogue's scene too
+                names[scene] = "images/" + world._save_image(root / "images", split, scene)
+        entry["image"] = names[scenes[0]] if len(scenes) == 1 else [names[s] for s in scenes]
+        entries.append(entry)
+    path = root / f"llava_{split}.json"
+    path.write_text(json.dumps(entries, indent=1))
+    return path
+
+
+# ---------------------------------------------------------------------- DataModule
+class InstructionDataModule(StreamingDataModule):
+    """Instruction conversations (Emu-I's instruction tuning) in one of the released formats: a shuffled,
+    repeating training reader and an optional held-out one (one pass, in order, video segment centres).
+
+    Args:
+        paths: the training file(s): ``.json`` lists or ``.jsonl``, as a path, a brace pattern or a list.
+        format: ``llava`` (LLaVA-Instruct), ``sharegpt``, ``alpaca``, ``videochat`` (VideoChat-Instruct) or
+            ``video_chatgpt`` (VideoInstruct-100K); see :mod:`emu_lightning.data.instruct`.
+        val_paths: held-out file(s) in the same format, read once in order; none by default.
+        image_dir: folder LLaVA's image paths are relative to; by default each file's own folder.
+        video_dir: folder of the videos (VideoChat's ``video`` paths, Video-ChatGPT's ``video_id`` files); by
+            default each file's own folder.
+        image_size: side of the square images and frames (must match the vision backbone's input size).
+        num_frames: frames sampled per video (Emu: 8).
+        system: the system message of every conversation; ``""`` for none.
+        conversations_per_unit: entries per unit, the grain at which ranks and workers split a file.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
+        seed: seeds shuffling and frame sampling.
+        shapesworld: (``format: llava`` only) write ShapesWorld dialogues (``llava_<split>.json`` and the images
+            beside it) to ``paths`` / ``val_paths`` first, where not yet written: ``{train: n, val: n}``
+            dialogues and ShapesWorld arguments (see :class:`StreamingDataModule`).
+        sequencer: a SequenceBuilder; by default the trained model's.
+    """
+
+    def __init__(
+        self,
+        paths: str | list[str],
+        format: str = "llava",
+        val_paths: str | list[str] | None = None,
+        image_dir: str | None = None,
+        video_dir: str | None = None,
+        image_size: int = 32,
+        num_frames: int = 8,
+        system: str = SYSTEM,
+        conversations_per_unit: int = 64,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        shapesworld: dict[str, Any] | None = None,
+        sequencer: SequenceBuilder | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
+        if format not in FORMATS:
+            raise ValueError(f"format {format!r} is not one of {list(FORMATS)}")
+        if shapesworld is not None and format != "llava":
+            raise ValueError(f"ShapesWorld writes LLaVA dialogues only: set format to 'llava', not {format!r}")
+        self.train_paths, self.val_paths, self.format, self.image_size = paths, val_paths, format, image_size
+        self.image_dir = image_dir
+        self.reader_args = dict(
+            format=format,
+            image_size=image_size,
+            image_dir=image_dir,
+            video_dir=video_dir,
+            num_frames=num_frames,
+            system=system,
+            conversations_per_unit=conversations_per_unit,
+            seed=seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        self.check_image_size(self.image_size)
+
+    def paths(self, split: str) -> str | list[str] | None:
+        return self.train_paths if split == "train" else self.val_paths
+
+    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
+        if self.image_dir is not None and Path(self.image_dir) != root:
+            raise ValueError(
+                f"ShapesWorld names its images relative to the json's folder: set image_dir to {root} or leave it out"
+            )
+        return [str(write_shapesworld_llava(self.world, root, split, num_dialogues=num_samples))]
+
+    def train_source(self) -> InstructionConversations:
+        return InstructionConversations(self.train_paths, train=True, shuffle=True, repeat=True, **self.reader_args)
+
+    def val_source(self) -> InstructionConversations | None:
+        if self.val_paths is None:
+            return None
+        args = dict(self.reader_args, name=f"{self.format}_val")
+        return InstructionConversations(self.val_paths, train=False, shuffle=False, repeat=False, **args)
