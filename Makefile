@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo-decoder setup demo test test-slow lint format bench clean
+.PHONY: demo-decoder demo-instruct chat setup demo test test-slow lint format bench clean
 
 setup: $(STAMP)
 
@@ -16,14 +16,21 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml
+	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/pretrain.yaml
 
-# The decoder stage on the newest `make demo` checkpoint.
+# The three training stages in order (README): pretraining (`make demo`), the decoder, instruction tuning. Each
+# starts from the previous one's runs/<stage>/final.ckpt (`model.init_checkpoint` in configs/stages/).
 demo-decoder: $(STAMP)
-	@ckpt=$$(ls -t runs/tiny/lightning_logs/version_*/checkpoints/final.ckpt 2>/dev/null | head -1); \
-	if [ -z "$$ckpt" ]; then echo "no runs/tiny/.../final.ckpt: run 'make demo' first"; exit 1; fi; \
+	@test -f runs/tiny/final.ckpt || { echo "no runs/tiny/final.ckpt: run 'make demo' first"; exit 1; }
+	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml
+
+demo-instruct: $(STAMP)
+	@test -f runs/tiny-decoder/final.ckpt || { echo "no runs/tiny-decoder/final.ckpt: run 'make demo-decoder' first"; exit 1; }
 	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml \
-		--model.init_checkpoint $$ckpt
+		--config configs/stages/instruct.yaml
+
+chat: $(STAMP)
+	$(BIN)/emu-lightning chat --ckpt runs/tiny-instruct/final.ckpt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

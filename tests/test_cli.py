@@ -1,6 +1,7 @@
 """The `emu-lightning` command: every config parses, the tiny config fits end to end, ablations swap parts."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from emu_lightning.cli import EmuCLI, cli
+from emu_lightning.components.llm import LoRA
 from emu_lightning.model import EmuModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +50,39 @@ def test_eval_overlays_parse_on_the_tiny_config(overlay):
     assert "CaptioningEval" in names and "VQAEval" in names
 
 
-@pytest.mark.parametrize("stage", STAGES, ids=str)
-def test_stage_overlays_build_on_the_tiny_config(stage):
-    run = cli(["--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / stage), "--trainer.logger", "false"],
-              run=False)  # fmt: skip
-    assert run.model.stage == stage.stem and run.model.decoder is not None
-    assert set(run.model.frozen) == {"vision", "resampler", "llm"}
+STAGE_FROZEN = {
+    "pretrain": set(),
+    "decoder": {"vision", "resampler", "llm"},
+    "instruct": {"vision", "resampler", "decoder"},
+}
+"""Each stage's frozen components (the paper's); the instruct stage's language model trains LoRA adapters only."""
+
+
+def stage_configs(stage: str) -> list[Path]:
+    """The stack a stage runs with (README): the instruct stage keeps the decoder stage's decoder."""
+    stack = {"pretrain": ["pretrain"], "decoder": ["decoder"], "instruct": ["decoder", "instruct"]}[stage]
+    return [Path("configs/tiny.yaml")] + [Path(f"configs/stages/{s}.yaml") for s in stack]
+
+
+def test_the_three_stages_have_configs():
+    assert {p.stem for p in STAGES} == set(STAGE_FROZEN)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_FROZEN))
+def test_stage_overlays_build_with_the_papers_frozen_sets(stage):
+    args = [a for c in stage_configs(stage) for a in ("--config", str(ROOT / c))]
+    # each stage names the previous one's final checkpoint; none exists here
+    run = cli([*args, "--trainer.logger", "false", "--model.init_checkpoint", "null"], run=False)
+    assert run.model.stage == stage and set(run.model.frozen) == STAGE_FROZEN[stage]
+    assert (run.model.decoder is not None) == (stage != "pretrain")
+    trainable = {n.split(".")[0] for n, p in run.model.named_parameters() if p.requires_grad}
+    assert trainable == {"pretrain": {"vision", "resampler", "llm"}, "decoder": {"decoder"}, "instruct": {"llm"}}[stage]
+    if stage == "instruct":
+        assert run.model.llm.lora == LoRA(r=16, alpha=16, dropout=0.05)
+        assert all("lora_" in n for n, p in run.model.named_parameters() if p.requires_grad)
+    chained = yaml.safe_load((ROOT / f"configs/stages/{stage}.yaml").read_text())["model"]["init_checkpoint"]
+    previous = {"pretrain": None, "decoder": "runs/tiny/final.ckpt", "instruct": "runs/tiny-decoder/final.ckpt"}
+    assert chained == previous[stage]
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=str)
@@ -140,3 +169,55 @@ def test_tiny_fit_then_validate_from_the_command_line(tmp_path):
     assert saved["resampler"]["class_path"].endswith("CausalTransformer")  # the config, not pickled modules
     assert "_instantiator" in saved
     assert json.dumps(saved)  # plain data
+
+
+def test_the_three_stages_chain_from_the_command_line_and_chat_answers(tmp_path):
+    """README's order: pretrain, decoder, instruct, each starting from the previous stage's final.ckpt by its config
+    key (relative paths, so everything lands under this test's folder); then `emu-lightning chat` answers."""
+    exe = [sys.executable, "-m", "emu_lightning.cli"]
+    quick = ["--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
+    small = {
+        "pretrain": [f"--data.init_args.sources.{s}.init_args.shapesworld={{train: {n}}}"
+                     for s, n in (("pairs", 24), ("mmc4", 4), ("webvid", 4), ("storyboard", 4))],
+        "decoder": ["--model.decoder_sketch_fit=2", "--data.init_args.batch_size=4"],
+        "instruct": ["--data.init_args.shapesworld={train: 16, val: 4}", "--data.init_args.batch_size=4"],
+    }  # fmt: skip
+    for stage in ("pretrain", "decoder", "instruct"):
+        configs = [a for c in stage_configs(stage) for a in ("--config", str(ROOT / c))]
+        run = subprocess.run([*exe, "fit", *configs, *quick, *small[stage]], capture_output=True, text=True,
+                             cwd=tmp_path)  # fmt: skip
+        assert run.returncode == 0, f"{stage}:\n{run.stderr[-3000:]}"
+    finals = {s: tmp_path / "runs" / s / "final.ckpt" for s in ("tiny", "tiny-decoder", "tiny-instruct")}
+    assert all(p.is_file() for p in finals.values()), sorted(map(str, tmp_path.rglob("*.ckpt")))
+    import torch
+
+    states = {s: torch.load(p, map_location="cpu", weights_only=False)["state_dict"] for s, p in finals.items()}
+    # each stage trained its own part and carried the rest over unchanged
+    for key, value in states["tiny"].items():
+        assert torch.equal(value, states["tiny-decoder"][key]), key
+    for key, value in states["tiny-decoder"].items():
+        wrapped = re.sub(r"([qkvo]_proj)\.weight$", r"\1.base_layer.weight", key)  # under a LoRA layer
+        assert torch.equal(value, states["tiny-instruct"][wrapped]), key
+    assert any("lora_B" in k for k in states["tiny-instruct"])
+    assert any(k.startswith("decoder.") for k in states["tiny-decoder"])
+
+    from torchvision.utils import save_image
+
+    from emu_lightning.data.world import ShapesWorld
+
+    save_image(ShapesWorld(image_size=32).image("val", 0), tmp_path / "scene.png")
+    for stage in ("tiny", "tiny-decoder"):  # a checkpoint loads without the earlier stages' files
+        finals[stage].unlink()
+    chat = [sys.executable, "-m", "emu_lightning.cli", "chat", "--ckpt", str(finals["tiny-instruct"]),
+            "--max-new-tokens", "4"]  # fmt: skip
+    text = "how many shapes are there? scene.png\nand what colour is the shape in the top left?\n"
+    answers = []
+    for extra in ([], ["--no-merge"]):
+        out = subprocess.run(chat + extra, input=text, capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = out.stdout.splitlines()
+        assert [line.split(":")[0] for line in lines] == ["user", "assistant", "user", "assistant"], out.stdout
+        answers.append(lines)
+    assert answers[0] == answers[1]  # merged adapters answer as the unmerged ones do
+    missing = subprocess.run(chat, input="what is in missing.png", capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 2 and "no such file: 'missing.png'" in missing.stderr

@@ -3,11 +3,13 @@
 emu-lightning fit --config configs/tiny.yaml
 emu-lightning fit --config configs/tiny.yaml --config configs/ablations/resampler-perceiver.yaml
 emu-lightning validate --config configs/tiny.yaml --ckpt_path PATH
+emu-lightning chat --ckpt PATH            (the assistant: see emu_lightning.chat)
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -39,6 +41,10 @@ def cli(args: list[str] | None = None, run: bool = True, cli_class: type[EmuCLI]
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["chat"]:  # not a Trainer subcommand: the assistant has its own small parser
+        from emu_lightning.chat import main as chat_main
+
+        sys.exit(chat_main(sys.argv[2:]))
     cli()
 
 

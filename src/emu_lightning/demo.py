@@ -1,14 +1,17 @@
 """``make demo``: train the tiny Emu on ShapesWorld on CPU and show what it learned.
 
     python -m emu_lightning.demo [--config configs/tiny.yaml] [--num-eval 200] [extra CLI overrides ...]
+    python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml    # the decoder stage
     python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml \
-        --model.init_checkpoint runs/tiny/lightning_logs/version_0/checkpoints/final.ckpt    # the decoder stage
+        --config configs/stages/instruct.yaml                                                      # instruction tuning
 
 Prints held-out images' generated captions beside their references, the held-out cross-entropy before
 and after training, the share of held-out captions that name exactly the right coloured shapes, and the
 zero- and few-shot scores of the config's evaluation callbacks (CIDEr and VQA accuracy on held-out
 ShapesWorld) before and after training. Writes the same figures to ``<run dir>/demo.json``; the
-callbacks write their own reports to ``<run dir>/eval/``.
+callbacks write their own reports to ``<run dir>/eval/``. The decoder stage shows text-to-image scores and a
+grid of generated images; the instruct stage shows the assistant's held-out VQA score before and after
+instruction tuning (the same prompt), a few held-out conversations, and saves the LoRA adapters alone.
 """
 
 from __future__ import annotations
@@ -146,6 +149,55 @@ def text_to_image_demo(trainer: Any, model: EmuModel, dm: EmuDataModule, show: i
     return results
 
 
+def instruct_demo(trainer: Any, model: EmuModel, dm: Any, show: int) -> dict[str, Any]:
+    """The instruct stage: the assistant-prompt VQA score of the model before (the previous stage's weights; fresh
+    LoRA adapters change nothing) and after instruction tuning, held-out conversations, the adapters saved alone."""
+    world = dm.world
+    trainer.datamodule = dm
+    print("held-out VQA with the assistant's prompt, before instruction tuning ...", flush=True)
+    before = few_shot_scores(trainer, model)
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    train_seconds = time.perf_counter() - start
+    after = few_shot_scores(trainer, model)
+
+    rows = []
+    for i in range(show):
+        image, qa = world.image("val", i), world.questions("val", i)[i % 3]
+        answer = model.chat([{"role": "user", "content": [image, qa.question]}], max_new_tokens=10)
+        rows.append({"id": f"val-{i}", "question": qa.question, "answer": answer, "truth": qa.answer})
+    image = world.image("val", show)
+    first = [{"role": "user", "content": [image, "describe the image."]}]
+    reply = model.chat(first, max_new_tokens=40)
+    follow = first + [{"role": "assistant", "content": reply or "."},
+                      {"role": "user", "content": "how many shapes are there?"}]  # fmt: skip
+    turns = [["describe the image.", reply], ["how many shapes are there?", model.chat(follow, max_new_tokens=10)]]
+    dialogue = {"scene": world.captions(world.scene("val", show))[1], "turns": turns}
+
+    print(f"\nheld-out questions after {trainer.global_step} instruction-tuning steps ({train_seconds:.0f} s):")
+    for r in rows:
+        print(f"  {r['id']:<7} [USER]: <image> {r['question']:<40} [ASSISTANT]: {r['answer']:<12} "
+              f"(truth: {r['truth']})")  # fmt: skip
+    print(f"\na two-turn conversation about val-{show} ({dialogue['scene']}):")
+    for question, answer in dialogue["turns"]:
+        print(f"  [USER]: {question}\n  [ASSISTANT]: {answer}")
+    if after:
+        print(f"\n{'held-out VQA, assistant prompt':<36} {'before':>8} {'after':>8}")
+        for name, value in after.items():
+            print(f"{name:<36} {before.get(name, float('nan')):>8.1f} {value:>8.1f}")
+    out_dir = run_dir(trainer)
+    if getattr(model.llm, "has_lora", False):
+        model.llm.save_lora(out_dir / "lora")
+        print(f"LoRA adapters alone (peft format): {out_dir / 'lora'}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    results = {"stage": "instruct", "steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
+               "trainable_parameters": trainable, "parameters": sum(p.numel() for p in model.parameters()),
+               "vqa_before": {k: round(v, 2) for k, v in before.items()},
+               "vqa_after": {k: round(v, 2) for k, v in after.items()}}  # fmt: skip
+    save_run(trainer, results, {"samples": rows, "dialogue": dialogue})
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", help="config file(s), stacked (default: configs/tiny.yaml)")
@@ -161,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"the demo needs ShapesWorld data (a `world`), the config gives {type(dm).__name__}")
     if model.stage == "decoder":
         return text_to_image_demo(trainer, model, dm, args.show)
+    if model.stage == "instruct":
+        return instruct_demo(trainer, model, dm, args.show)
 
     before = heldout_losses(model, dm)
     untrained_acc, _ = caption_accuracy(model, dm, min(args.num_eval, 64))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from transformers import TextStreamer
 
 from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
+from emu_lightning.conversation import SYSTEM, ConversationError, conversation_items, normalise
 from emu_lightning.data.streaming import batch_skips, format_skips
 from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder, to_unit_range
 from emu_lightning.tokenizer import (
@@ -35,7 +37,7 @@ from emu_lightning.tokenizer import (
 )
 
 COMPONENTS = ("vision", "resampler", "llm", "decoder")
-STAGES = ("pretrain", "decoder")
+STAGES = ("pretrain", "decoder", "instruct")
 
 try:  # set by LightningCLI so that hparams hold the config (class_path dicts), not the built modules
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -66,8 +68,10 @@ class EmuModel(L.LightningModule):
         init_checkpoint: an EmuModel checkpoint to start from: its tokenizer and the weights of every component
             it holds (strictly, component by component); components it lacks (a new decoder) keep their
             initialisation. Unlike ``fit --ckpt_path`` nothing else (optimizer, step) is resumed.
-        stage: ``pretrain`` (the unified objective) or ``decoder`` (the paper's second stage: vision, resampler
-            and LLM frozen, only the decoder trains, on the images of text-then-image samples).
+        stage: ``pretrain`` (the unified objective, everything trains), ``decoder`` (the paper's second stage:
+            vision, resampler and LLM frozen, only the decoder trains, on the images of text-then-image samples)
+            or ``instruct`` (instruction tuning, Emu-I: vision, resampler and decoder frozen; the language model
+            trains its LoRA adapters when it has them (``llm.init_args.lora``), all its weights otherwise).
         decoder_condition: what the decoder stage conditions on: ``regressed`` (the paper: Emu's Q embeddings
             regressed after the text before the image and ``[IMG]``) or ``autoencoder`` (Emu2: the resampler's
             embeddings of the target image itself).
@@ -106,6 +110,10 @@ class EmuModel(L.LightningModule):
         self.checkpoint_step: int | None = None  # set when weights come from a checkpoint
         self.data_skips: dict[str, Counter] = {}
         """Samples the streaming readers skipped in this process's training batches, per source and reason."""
+        self.data_truncated = 0
+        self.last_chat: dict[str, int] = {}
+        """What the last :meth:`chat` call did to fit the context: ``dropped_turns``, ``prompt_tokens``."""
+        """Training samples cut at ``max_length`` in this process (their end, e.g. late turns, is not trained)."""
         self._uncondition: Tensor | None = None  # the decoder stage's unconditional branch, computed once per fit
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} must be one of {list(STAGES)}")
@@ -115,6 +123,8 @@ class EmuModel(L.LightningModule):
             if decoder is None:
                 raise ValueError("stage 'decoder' needs a decoder")
             frozen = sorted({*(frozen or []), "vision", "resampler", "llm"})  # only the decoder trains
+        if stage == "instruct":  # only the language model trains (its adapters, when it has LoRA)
+            frozen = sorted({*(frozen or []), "vision", "resampler", *(["decoder"] if decoder is not None else [])})
         if decoder_sketch_fit < 0 or (decoder_sketch_fit and not hasattr(decoder, "fit_sketch")):
             raise ValueError("decoder_sketch_fit must be >= 0 and needs a decoder with fit_sketch (DiffusionDecoder)")
         self.stage, self.decoder_condition, self.decoder_sketch_fit = stage, decoder_condition, decoder_sketch_fit
@@ -134,6 +144,13 @@ class EmuModel(L.LightningModule):
             self._set_tokenizer(self._load_tokenizer(tokenizer))
         else:
             self._init_from(init_checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> EmuModel:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint``, except that the ``init_checkpoint`` the run started from is not read
+        again (unless given here): every weight is in this checkpoint, and the earlier stage's file need not exist."""
+        kwargs.setdefault("init_checkpoint", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _init_from(self, path: str) -> None:
         if not Path(path).is_file():
@@ -314,6 +331,9 @@ class EmuModel(L.LightningModule):
         n = batch["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=n)
         self._count_skips(batch)
+        if "truncated" in batch and bool(batch["truncated"].any()):
+            self.data_truncated += int(batch["truncated"].sum())
+            self.log("data/truncated", float(self.data_truncated), reduce_fx="max", batch_size=1)
         return losses["loss"]
 
     def _count_skips(self, batch: dict[str, Any]) -> None:
@@ -328,6 +348,8 @@ class EmuModel(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.data_skips and self.trainer.is_global_zero:
             print(f"samples skipped by the data readers on rank 0:\n{format_skips(self.data_skips)}", flush=True)
+        if self.data_truncated and self.trainer.is_global_zero:
+            print(f"training samples truncated at max_length {self.max_length} on rank 0: {self.data_truncated}")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self.stage_losses(batch)
@@ -439,6 +461,60 @@ class EmuModel(L.LightningModule):
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         return self.generate([[img, template.format(question=q)] for img, q in zip(images, questions)], **kwargs)
+
+    # ------------------------------------------------------------------ assistant
+    def chat(
+        self,
+        history: Sequence[dict[str, Any]],
+        system: str | None = SYSTEM,
+        max_new_tokens: int = 64,
+        stream: Callable[[str], None] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The assistant's next turn after a conversation, in Emu-I's template (``conversation.py``).
+
+        Args:
+            history: ``[{"role": "user", "content": ...}, {"role": "assistant", ...}, ..., {"role": "user", ...}]``,
+                user first, alternating, ending with the user's turn. ``content`` is text or a list of items
+                (text, ``(3, H, W)`` images, ``(F, 3, H, W)`` videos).
+            system: the system message (``None`` or ``""``: none); the default is the one instruction tuning uses.
+            max_new_tokens: most tokens in the answer.
+            stream: called with each piece of the answer's text as soon as it is decoded (greedy decoding only).
+            kwargs: other :meth:`generate` options (``num_beams``, ``do_sample``, ``temperature``, ...).
+
+        When the conversation plus ``max_new_tokens`` does not fit the context (``max_length`` tokens for the prompt,
+        the language model's positions for both), the oldest exchanges (a user turn and its answer) are dropped
+        until it fits; :attr:`last_chat` records how many (``dropped_turns``) and a warning says so. A last user
+        turn that does not fit alone raises :class:`~emu_lightning.conversation.ConversationError`.
+        """
+        turns = normalise(history)
+        budget = min(self.max_length, self.llm_max_positions() - max_new_tokens)
+        counter = self.sequencer.with_options(padding_side="left", add_eos=False, max_length=10**9)
+        dropped = 0
+        while True:
+            items = conversation_items(turns, system, generation_prompt=True)
+            length = len(counter.encode(items).ids)
+            if length <= budget:
+                break
+            if len(turns) == 1:
+                raise ConversationError(
+                    f"the last user turn is {length} tokens with the system message, more than the {budget} the "
+                    f"context leaves with {max_new_tokens} new tokens (max_length {self.max_length})"
+                )
+            turns, dropped = turns[2:], dropped + 2
+        if dropped:
+            rank_zero_warn(f"chat: dropped the {dropped} oldest turns to fit the context of {budget} tokens")
+        self.last_chat = {"dropped_turns": dropped, "prompt_tokens": length}
+        if stream is not None:
+            kwargs["streamer"] = _TextCallback(self.tokenizer, stream)
+        return self.generate([items], max_new_tokens=max_new_tokens, **kwargs)[0]
+
+    def merge_lora(self) -> EmuModel:
+        """Merge the language model's LoRA adapters into its weights for inference (see ``HFCausalLM.merge_lora``)."""
+        if not getattr(self.llm, "has_lora", False):
+            raise ValueError("this EmuModel's language model has no LoRA adapters to merge")
+        self.llm.merge_lora()
+        return self
 
     # ------------------------------------------------------------------ image generation
     def _left_pad(self, prompts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -552,6 +628,18 @@ class EmuModel(L.LightningModule):
         with self._inference():
             return self.decoder.sample(condition, uncondition, steps=steps, guidance_scale=guidance_scale,
                                        generator=generator)  # fmt: skip
+
+
+class _TextCallback(TextStreamer):
+    """A transformers streamer that hands each decoded piece of text to a callback instead of printing it."""
+
+    def __init__(self, tokenizer: Any, callback: Callable[[str], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.callback = callback
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.callback(text)
 
 
 def _as_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
