@@ -1,0 +1,65 @@
+"""`emu-lightning chat`: inline media paths, conversations from standard input, streamed answers."""
+
+import io
+import json
+
+import pytest
+import torch
+from conftest import make_model
+from torchvision.utils import save_image
+
+from emu_lightning.chat import MediaError, Session, parse_turn, read_conversation, run_stdin
+from emu_lightning.conversation import ConversationError
+from emu_lightning.data.webvid import write_shapesworld_webvid
+from emu_lightning.data.world import ShapesWorld
+
+
+def test_inline_image_and_video_paths_become_items(tmp_path):
+    world = ShapesWorld(image_size=16)
+    save_image(world.image("val", 0), tmp_path / "a.png")
+    csv = write_shapesworld_webvid(world, tmp_path / "videos", num_videos=1, num_frames=8, fps=8)
+    video = next((csv.parent).rglob("*.mp4"))
+    items = parse_turn(f"compare {tmp_path / 'a.png'} with @{video} please", image_size=16, num_frames=4)
+    assert items[0] == "compare" and items[2] == "with" and items[4] == "please"
+    torch.testing.assert_close(items[1], world.image("val", 0), atol=1 / 255, rtol=0)  # PNG round trip
+    assert items[3].shape == (4, 3, 16, 16) and items[3].dtype == torch.uint8
+    assert parse_turn("no media here.", 16) == ["no media here."]
+    with pytest.raises(MediaError, match="no such file: 'missing.png'"):
+        parse_turn("what is missing.png", 16)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(MediaError, match="cannot read image"):
+        parse_turn(f"{tmp_path / 'broken.png'}", 16)
+
+
+def test_conversations_from_standard_input():
+    assert read_conversation("hello\n\nhow many?\n") == [
+        {"role": "user", "content": "hello"},
+        {"role": "user", "content": "how many?"},
+    ]
+    llava = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello."}]}
+    assert read_conversation(json.dumps(llava)) == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello."},
+    ]
+    assert read_conversation('[{"role": "user", "content": "hi"}]') == [{"role": "user", "content": "hi"}]
+    with pytest.raises(ConversationError, match="does not parse"):
+        read_conversation("[{'role': 'user'}")
+    with pytest.raises(ConversationError, match="needs a role"):
+        read_conversation('[{"role": "robot", "content": "hi"}]')
+
+
+def test_stdin_answers_each_user_turn_and_keeps_given_history():
+    model = make_model(num_queries=4, max_length=96)
+    out = io.StringIO()
+    session = Session(model, out, system="be brief.", max_new_tokens=3, num_frames=8)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."},
+             {"role": "user", "content": "how many shapes?"}, {"role": "user", "content": "and colours?"}]  # fmt: skip
+    assert run_stdin(session, json.dumps(turns)) == 0
+    lines = out.getvalue().splitlines()
+    # the given exchange is history; each user turn without an answer is answered in order
+    assert [line.split(":")[0] for line in lines] == ["user", "assistant", "user", "assistant"]
+    assert lines[0] == "user: how many shapes?" and lines[2] == "user: and colours?"
+    roles = [t["role"] for t in session.history]
+    assert roles[:3] == ["user", "assistant", "user"] and session.history[1]["content"] == "hello."
+    with pytest.raises(ConversationError, match="must follow a user turn"):
+        run_stdin(Session(model, out, None, 3, 8), json.dumps(turns[1:2] + turns[:1]))
