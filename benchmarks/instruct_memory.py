@@ -12,15 +12,18 @@ batch 8, padded to the longest):
 - ``full``: the same stage without LoRA: every weight of the language model trains.
 
 Each runs in a fresh process (so one's allocations cannot hide the other's): build the model, make the batches,
-then ``--steps`` AdamW steps (the model's own ``configure_optimizers``). Printed per contender, one JSON line:
+run ``--profiled-steps`` (3) AdamW steps (the model's own ``configure_optimizers``) under torch.profiler's memory
+profiler, then time ``--steps`` (4) more without it. Printed per contender, one JSON line:
 
 - ``trainable_parameters`` and ``parameters``;
-- ``peak_training_mib``: the highest resident memory (RSS) during the steps minus the RSS just before them (model
-  and batches already in memory): activations, gradients and optimizer state. RSS is sampled every millisecond by a
-  thread reading ``/proc/self/statm`` (CPU: there is no allocator peak counter like ``torch.cuda``'s);
-- ``peak_rss_mib``: the process's highest RSS (``ru_maxrss``), everything included;
-- ``state_mib``: gradient and AdamW state of the trainable parameters (3 float32 copies), computed;
-- ``step_s``: median seconds an optimizer step (after the first).
+- ``peak_training_mib``: the peak of live tensor memory over the profiled steps, from the profiler's memory
+  timeline (the CPU's counterpart of ``torch.cuda.max_memory_allocated``), and ``at_peak_mib``, what it was made
+  of at that moment: parameters, optimizer state, gradients, activations, ...;
+- ``state_mib``: gradients and AdamW state of the trainable parameters (3 float32 copies), computed;
+- ``step_s``: median seconds an optimizer step, without the profiler.
+
+The process's resident memory is not reported: the profiler's own records (gigabytes at the small config) swamp
+it, and without the profiler an RSS sampler missed part of the optimizer state (glibc keeps freed memory).
 
 A last line gives the ratios, ``full`` over ``lora``.
 """
@@ -35,12 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import threading
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -55,8 +58,6 @@ from emu_lightning.model import EmuModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import QUICK, SMALL, Config  # noqa: E402
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def build(cfg: Config, lora: bool) -> EmuModel:
@@ -96,63 +97,66 @@ def batches(model: EmuModel, cfg: Config, batch_size: int, num: int) -> list[dic
     return out
 
 
-class RSSPeak:
-    """The highest resident set size seen by a thread that samples ``/proc/self/statm`` every millisecond."""
-
-    def __init__(self) -> None:
-        self.peak, self._stop = rss(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss())
-            time.sleep(0.001)
-
-    def __enter__(self) -> RSSPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss())
+CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail",
+              "unknown")  # fmt: skip
+"""torch.profiler's memory categories, in the column order of ``export_memory_timeline`` (after a leading 0)."""
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+def profiled_peak(step: Callable[[dict[str, Any]], None], data: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run ``step`` on each batch under torch.profiler's memory profiler; the peak of live tensor memory on the CPU
+    and what it was made of at that moment (MiB by category)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        for batch in data:
+            step(batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_memory_timeline(os.path.join(tmp, "timeline.json"), device="cpu")
+        with open(os.path.join(tmp, "timeline.json")) as f:
+            _, sizes = json.load(f)
+    totals = [sum(row) for row in sizes]
+    at_peak = sizes[max(range(len(totals)), key=totals.__getitem__)][1:]
+    mib = 2**20
+    return {
+        "peak_mib": round(max(totals) / mib, 1),
+        "at_peak_mib": {c: round(v / mib, 1) for c, v in zip(CATEGORIES, at_peak) if v},
+    }
 
 
-def child(mode: str, cfg: Config, steps: int, batch_size: int) -> dict[str, Any]:
+def child(mode: str, cfg: Config, steps: int, profiled_steps: int, batch_size: int) -> dict[str, Any]:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model = build(cfg, lora=mode == "lora")
     model.train()
-    data = batches(model, cfg, batch_size, steps)
+    data = batches(model, cfg, batch_size, profiled_steps + steps)
     optimizer = model.configure_optimizers()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    before = rss()
-    times, losses = [], []
-    with RSSPeak() as peak:
-        for batch in data:
-            start = time.perf_counter()
-            loss = model.losses(batch)["loss"]
-            loss.backward()
-            losses.append(float(loss))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # keep the gradients' memory, as a training loop holds it
-            times.append(time.perf_counter() - start)
+    losses: list[float] = []
+
+    def step(batch: dict[str, Any]) -> None:
+        loss = model.losses(batch)["loss"]
+        loss.backward()
+        losses.append(float(loss))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # keep the gradients' memory, as a training loop holds it
+
+    # The first steps under the memory profiler (they create the optimizer state), the rest timed without it.
+    memory = profiled_peak(step, data[:profiled_steps])
+    times = []
+    for batch in data[profiled_steps:]:
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
     mib = 2**20
     return {
         "contender": mode,
         "config": cfg.name,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "llm_parameters": sum(p.numel() for p in model.llm.parameters()),
-        "peak_training_mib": round((peak.peak - before) / mib, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_training_mib": memory["peak_mib"],
+        "at_peak_mib": memory["at_peak_mib"],
         "state_mib": round(3 * 4 * sum(p.numel() for p in trainable) / mib, 1),
-        "step_s": round(statistics.median(times[1:] or times), 3),
-        "steps": len(times),
+        "step_s": round(statistics.median(times), 3),
+        "steps": len(losses),
         "batch_size": batch_size,
         "tokens_per_batch": int(data[0]["input_ids"].numel()),
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
@@ -162,18 +166,30 @@ def child(mode: str, cfg: Config, steps: int, batch_size: int) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per contender")
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per contender")
+    p.add_argument("--profiled-steps", type=int, default=3, help="first optimizer steps, under the memory profiler")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--child", choices=("lora", "full"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cfg = replace(QUICK, batch_size=2) if args.quick else SMALL
     if args.child:
-        print(json.dumps(child(args.child, cfg, args.steps, args.batch_size)), flush=True)
+        print(json.dumps(child(args.child, cfg, args.steps, args.profiled_steps, args.batch_size)), flush=True)
         return
     results = {}
     for mode in ("lora", "full"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size)] + (["--quick"] if args.quick else [])  # fmt: skip
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            mode,
+            "--steps",
+            str(args.steps),
+            "--profiled-steps",
+            str(args.profiled_steps),
+            "--batch-size",
+            str(args.batch_size),
+        ]
+        cmd += ["--quick"] if args.quick else []  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(results[mode]), flush=True)
@@ -182,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": "full / lora",
         "trainable_parameters": round(full["trainable_parameters"] / lora["trainable_parameters"], 1),
         "peak_training_memory": round(full["peak_training_mib"] / max(lora["peak_training_mib"], 1e-9), 2),
-        "peak_rss": round(full["peak_rss_mib"] / lora["peak_rss_mib"], 2),
+        "optimizer_and_gradients_mib": [lora["state_mib"], full["state_mib"]],
         "step_time": round(full["step_s"] / lora["step_s"], 2),
     }), flush=True)  # fmt: skip
 
