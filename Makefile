@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/instruct_memory.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

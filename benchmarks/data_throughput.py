@@ -27,7 +27,7 @@ Contenders (each counts samples: a pair, a document, a clip, a storyboard):
 
 - ``reader_0``: the reader in one ordered pass (``shuffle=False, repeat=False``) through a ``DataLoader`` with
   ``num_workers=0`` and ``batch_size=None``: the reader's own samples, no collation, no tokenisation.
-- ``reader_w``: the same with ``w`` persistent workers (``--workers``), in batches of ``--batch-size`` (8)
+- ``reader_w``: the same with ``w`` persistent workers (``--workers``), in batches of ``--batch-size`` (32)
   that :func:`collate_images` stacks in the workers (every image of a batch in one tensor, as the
   SequenceBuilder stacks them; written straight into shared memory, as torch's ``default_collate`` does).
   So moving the samples from the workers to the main process is counted, as a training run pays it.
@@ -64,34 +64,31 @@ hits all alike; ``--rounds`` (5) rounds, medians reported. Torch runs 1 thread i
 own threads are the same in every contender. ``OMP_WAIT_POLICY`` defaults to ``PASSIVE`` as in the other
 benchmarks. ``--profile`` prints a cProfile of one 0-worker pass of each reader (stderr).
 
-What the numbers say (the defaults on a 2-core AMD EPYC shared with other jobs, load average 3-3.7; torch
-2.14, Pillow 13, PyAV 18). Wall-clock ratio against the limit, then ``cpu_ratio``:
+What the numbers say (the defaults on a 2-core AMD EPYC, idle, load average 0.7-1.5; torch 2.14, Pillow 13,
+PyAV 18; uint8 images). Wall-clock ratio against the limit in two runs of 7 rounds, then ``cpu_ratio``:
 
-==============  ===================  ===================
-format          0 workers            2 workers
-==============  ===================  ===================
-webdataset      0.93 / 0.94          0.71 / 0.68
-mmc4            0.95 / 0.95          0.73 / 0.72
-mmc4_tar        0.95 / 0.94          0.70 / 0.69
-webvid          0.80 / 0.86          0.88 / 0.67
-storyboard      0.95 / 0.95          0.68 / 0.69
-==============  ===================  ===================
+==============  =====================  =====================
+format          0 workers              2 workers (batch 32)
+==============  =====================  =====================
+webdataset      0.93 / 0.96 (0.93)     0.80 / 0.81 (0.79)
+mmc4            0.89 / 0.91 (0.89)     0.82 / 0.88 (0.83)
+mmc4_tar        0.96 / 0.92 (0.96)     0.90 / 0.83 (0.91)
+webvid          0.99 / 0.98 (0.98)     0.90 / 0.91 (0.88)
+storyboard      0.95 / 0.95 (0.95)     0.86 / 0.95 (0.88)
+==============  =====================  =====================
 
-- Without workers every reader meets the target: the image readers use 5-7% more CPU than their bare decode
-  (webdataset's streaming tar parse, about 0.1 ms a sample, is the largest part). Half of the decode work is
-  PIL's bicubic resize (about 0.9 ms for 256 to 224 px), a tenth to a fifth the JPEG or PNG decode. Video
-  decoding is the noisiest on a loaded machine (probably FFmpeg's own decoding threads waiting on each other): over six
-  runs webvid's wall-clock ratio ranged from 0.58 to 1.47, its ``cpu_ratio`` from 0.86 to 1.1.
-- With 2 workers the readers miss it, at about 0.7 in CPU time: moving a 224 px float32 image (602 KB) from a
-  worker to the main process costs 0.6-0.8 ms of CPU (copying it into shared memory, passing and mapping the
-  file descriptor, the main process's receive), about half the cost of decoding it. Readers that yield uint8
-  images (a quarter of the bytes; the ``/ 255`` done on the accelerator) cut that by about half: in a side
-  experiment, webdataset with 2 workers went from 2.2 to 1.8 ms of CPU a sample (``cpu_ratio`` 0.67 to 0.75).
+- Without workers the image readers use 4-11% more CPU than their bare decode (webdataset's streaming tar
+  parse, about 0.1 ms a sample, is the largest part). Half of the decode work is PIL's bicubic resize (about
+  0.9 ms for 256 to 224 px), a tenth to a fifth the JPEG or PNG decode.
+- With workers, a batch costs a fixed 2-3 ms of CPU to hand from a worker to the main process (a shared-memory
+  file, passing its descriptor, the queue message, the main process mapping it): a fifth of the pairs' decode
+  time at batch 8 (``ratio_vs_limit`` 0.72-0.90 over several runs), about 5% at 32. The readers yield uint8
+  images (a quarter of float32's bytes; the model scales them on its device), which halved the per-image part.
+- Video decoding is the noisiest on a loaded machine (probably FFmpeg's own threads waiting on each other).
 - At 32 px (the DataModules' default size: ``--image-size 32 --stored-size 40``), a decode is about ten times
-  cheaper and the readers' fixed Python work per sample weighs more: without workers ``cpu_ratio`` is 0.77
-  (webdataset), 0.70 (mmc4), 0.80 (mmc4_tar), 0.95 (webvid) and 0.69 (storyboard). That work is about
-  0.08 ms a pair (webdataset's pure-Python tar streaming), 0.15 ms a document (mmc4: json, per-image path
-  and file calls) and 0.45 ms a storyboard (json, WebVTT parsing, a ``stat`` and a read per frame).
+  cheaper and the readers' fixed Python work per sample weighs more: about 0.08 ms a pair (webdataset's
+  pure-Python tar streaming), 0.15 ms a document (mmc4: json, per-image path and file calls) and 0.45 ms a
+  storyboard (json, WebVTT parsing, a read per frame).
 """
 
 # ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch loads the OpenMP runtime)
@@ -472,7 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=8,
+        default=32,
         help="with workers: samples per batch, stacked by collate_images in the workers (0: batch_size=None)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads in the main process (workers use 1)")
