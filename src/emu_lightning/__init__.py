@@ -3,12 +3,14 @@
 from emu_lightning.components import (
     CausalTransformer,
     HFCausalLM,
+    LoRA,
     MLPProjector,
     PerceiverResampler,
     PooledProjector,
     TimmVisionBackbone,
 )
-from emu_lightning.data import ShapesWorld, ShapesWorldDataModule
+from emu_lightning.conversation import conversation_items
+from emu_lightning.data import InstructionDataModule, ShapesWorld, ShapesWorldDataModule
 from emu_lightning.model import EmuModel
 from emu_lightning.sequence import SequenceBuilder
 from emu_lightning.tokenizer import load_tokenizer
@@ -19,6 +21,8 @@ __all__ = [
     "CausalTransformer",
     "EmuModel",
     "HFCausalLM",
+    "InstructionDataModule",
+    "LoRA",
     "MLPProjector",
     "PerceiverResampler",
     "PooledProjector",
@@ -26,5 +30,6 @@ __all__ = [
     "ShapesWorld",
     "ShapesWorldDataModule",
     "TimmVisionBackbone",
+    "conversation_items",
     "load_tokenizer",
 ]

@@ -2,7 +2,7 @@
 
 from emu_lightning.components.base import LanguageModel, LMOutput, Resampler, VisionBackbone, VisualDecoder
 from emu_lightning.components.decoder import DiffusionDecoder
-from emu_lightning.components.llm import HFCausalLM
+from emu_lightning.components.llm import HFCausalLM, LoRA
 from emu_lightning.components.resampler import CausalTransformer, MLPProjector, PerceiverResampler, PooledProjector
 from emu_lightning.components.vision import TimmVisionBackbone
 
@@ -12,6 +12,7 @@ __all__ = [
     "HFCausalLM",
     "LMOutput",
     "LanguageModel",
+    "LoRA",
     "MLPProjector",
     "PerceiverResampler",
     "PooledProjector",
