@@ -221,3 +221,24 @@ def test_the_three_stages_chain_from_the_command_line_and_chat_answers(tmp_path)
     assert answers[0] == answers[1]  # merged adapters answer as the unmerged ones do
     missing = subprocess.run(chat, input="what is in missing.png", capture_output=True, text=True, cwd=tmp_path)
     assert missing.returncode == 2 and "no such file: 'missing.png'" in missing.stderr
+
+
+def test_a_checkpoint_given_to_the_cli_replaces_the_stage_init_checkpoint(tmp_path):
+    """`fit --ckpt_path` (resume) and `validate --ckpt_path` take every weight from that checkpoint: the stage's
+    init_checkpoint (an earlier stage's file, here missing) is not read."""
+
+    class Stop(Exception):
+        pass
+
+    class Capture(EmuCLI):
+        def instantiate_classes(self) -> None:
+            raise Stop(self.config[self.subcommand].model.init_checkpoint)
+
+    configs = [a for c in stage_configs("instruct") for a in ("--config", str(ROOT / c))]
+    for subcommand in ("fit", "validate"):
+        with pytest.raises(Stop) as stop:
+            cli([subcommand, *configs, "--ckpt_path", str(tmp_path / "instruct.ckpt")], cli_class=Capture)
+        assert stop.value.args == (None,)
+    with pytest.raises(Stop) as stop:
+        cli(["fit", *configs], cli_class=Capture)
+    assert stop.value.args == ("runs/tiny-decoder/final.ckpt",)

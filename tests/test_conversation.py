@@ -84,6 +84,10 @@ def test_split_image_tags_places_images_at_their_tags():
     [
         ([], "no turns"),
         ([{"role": "user", "content": "hi"}], "no assistant turn"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+            "ends with a user turn",
+        ),
         ([{"role": "assistant", "content": "hi"}], "user turn was expected"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "assistant turn was expected"),
         ([{"role": "robot", "content": "a"}], "role 'robot'"),

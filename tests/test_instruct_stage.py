@@ -25,7 +25,7 @@ def instruct_model(lora: LoRA | None = SMALL_LORA, **kwargs) -> EmuModel:
     )
     resampler = CausalTransformer(in_dim=32, out_dim=32, num_queries=4, width=32, depth=1, num_heads=2)
     llm = HFCausalLM(config=TINY_LLM, lora=lora)
-    return EmuModel(vision, resampler, llm, max_length=96, stage="instruct", regression_weight=0.0, **kwargs)
+    return EmuModel(vision, resampler, llm, max_length=96, stage="instruct", **kwargs)
 
 
 def conversations(n: int, split: str = "train") -> list[list]:
@@ -60,6 +60,13 @@ def test_the_instruct_stage_trains_only_the_lora_adapters():
     changed = sorted(k for k, v in before.items() if not torch.equal(v, after[k]))
     assert changed and all("lora_" in k for k in changed), changed
     assert any("lora_B" in k for k in changed)  # B starts at zero: the adapters really learned something
+
+
+def test_the_instruct_loss_is_the_cross_entropy_alone():
+    model = instruct_model(regression_weight=1.0)  # ignored by the stage: the loss is on the answers only
+    batch = model.sequencer(conversations(2))
+    losses = model.stage_losses(batch)
+    assert losses["mse"] > 0 and torch.equal(losses["loss"], losses["ce"])
 
 
 def test_without_lora_the_instruct_stage_fine_tunes_the_whole_language_model():

@@ -31,8 +31,12 @@ from emu_lightning.conversation import SYSTEM, ConversationError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi")
-_MEDIA = re.compile(r"@?(\S+(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES + VIDEO_SUFFIXES) + r"))(?=\s|$)",
-                    re.IGNORECASE)  # fmt: skip
+_SUFFIX = "(?:" + "|".join(re.escape(s) for s in IMAGE_SUFFIXES + VIDEO_SUFFIXES) + ")"
+_MEDIA = re.compile(
+    rf'"([^"]+{_SUFFIX})"|\'([^\']+{_SUFFIX})\'|@?([^\s"\'()\[\]<>,;]+?{_SUFFIX})(?=[.,;:!?)\]]*(?:\s|$))',
+    re.IGNORECASE,
+)
+"""A media path: quoted (may hold spaces), or a word, which may be followed by punctuation ("see a.png, b.png.")."""
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -53,9 +57,11 @@ def parse_turn(text: str, image_size: int, num_frames: int = 8) -> list[Any]:
         before = text[last : match.start()].strip()
         if before:
             items.append(before)
-        path = Path(match.group(1)).expanduser()
+        given = next(g for g in match.groups() if g is not None)
+        path = Path(given).expanduser()
         if not path.is_file():
-            raise MediaError(f"no such file: {str(path)!r}")
+            hint = "" if match.group(3) is None else " (quote a path that holds spaces)"
+            raise MediaError(f"no such file: {str(path)!r}{hint}")
         if path.suffix.lower() in IMAGE_SUFFIXES:
             image = load_image(path, image_size)
             if image is None:
@@ -78,11 +84,14 @@ def read_conversation(text: str) -> list[dict[str, str]]:
     """Standard input's conversation: JSON (a list of ``{"role", "content"}`` turns, or a dict with LLaVA-style
     ``conversations``) or plain text with one user turn per non-empty line."""
     stripped = text.strip()
-    if stripped[:1] in "[{":
+    data = None
+    if stripped[:1] in ("[", "{"):
         try:
             data = json.loads(stripped)
         except json.JSONDecodeError as err:
-            raise ConversationError(f"standard input looks like JSON but does not parse: {err}") from None
+            if re.match(r"\[\s*\{|\{\s*\"", stripped):  # it is meant as JSON; plain text may start with "[" too
+                raise ConversationError(f"standard input looks like JSON but does not parse: {err}") from None
+    if data is not None:
         turns = data.get("conversations", data.get("messages")) if isinstance(data, dict) else data
         if not isinstance(turns, list):
             raise ConversationError("a JSON conversation is a list of turns or a dict with 'conversations'")
@@ -146,8 +155,8 @@ def load_model(path: str, merge: bool = True) -> Any:
 
 def run_stdin(session: Session, text: str) -> int:
     turns = read_conversation(text)
-    if not any(t["role"] == "user" for t in turns):
-        raise ConversationError("standard input holds no user turn to answer")
+    if not turns or turns[-1]["role"] != "user":
+        raise ConversationError("standard input holds no user turn to answer (the last turn must be the user's)")
     for k, turn in enumerate(turns):
         if turn["role"] == "assistant":  # given history
             if not session.history or session.history[-1]["role"] != "user":

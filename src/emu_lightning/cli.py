@@ -18,7 +18,17 @@ from emu_lightning.model import EmuModel
 
 
 class EmuCLI(LightningCLI):
-    """LightningCLI with the model's optimizer and scheduler taken from its own init arguments."""
+    """LightningCLI with the model's optimizer and scheduler taken from its own init arguments.
+
+    With ``--ckpt_path`` (resuming ``fit``, or ``validate`` / ``test`` / ``predict`` of a checkpoint) every weight
+    comes from that checkpoint, so the stage's ``model.init_checkpoint`` (an earlier stage's file, which may be
+    gone) is not read.
+    """
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None and config.get("ckpt_path") and config.get("model") is not None:
+            config.model.init_checkpoint = None
 
 
 def cli(args: list[str] | None = None, run: bool = True, cli_class: type[EmuCLI] = EmuCLI) -> EmuCLI:

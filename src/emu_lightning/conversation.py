@@ -114,17 +114,20 @@ def conversation_items(turns: Sequence[Any], system: str | None = SYSTEM, genera
         turns: ``[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]``.
         system: the system message before the first turn (``None`` or ``""``: none).
         generation_prompt: a prompt for the next answer: the conversation must end with a user turn, and the
-            items end with the assistant tag. Otherwise (training) it must hold at least one assistant turn.
+            items end with the assistant tag. Otherwise (training) it must end with an assistant turn.
 
     Raises:
         ConversationError: bad roles or order, empty turns, reserved tags in text, no assistant turn to train
-            on, or (``generation_prompt``) a conversation that does not end with the user.
+            on, an unanswered last user turn (training), or (``generation_prompt``) a conversation that does not
+            end with the user.
     """
     turns = normalise(turns)
     if generation_prompt and turns[-1]["role"] != "user":
         raise ConversationError("a prompt for the next answer must end with a user turn")
     if not generation_prompt and not any(t["role"] == "assistant" for t in turns):
         raise ConversationError("the conversation has no assistant turn, so nothing to train on")
+    if not generation_prompt and turns[-1]["role"] == "user":  # its EOS would teach stopping after a question
+        raise ConversationError("the conversation ends with a user turn that has no answer; drop it for training")
     items: list[Any] = [{"text": system, "loss": False}] if system else []
     for turn in turns:
         if turn["role"] == "user":

@@ -71,7 +71,8 @@ class EmuModel(L.LightningModule):
         stage: ``pretrain`` (the unified objective, everything trains), ``decoder`` (the paper's second stage:
             vision, resampler and LLM frozen, only the decoder trains, on the images of text-then-image samples)
             or ``instruct`` (instruction tuning, Emu-I: vision, resampler and decoder frozen; the language model
-            trains its LoRA adapters when it has them (``llm.init_args.lora``), all its weights otherwise).
+            trains its LoRA adapters when it has them (``llm.init_args.lora``), all its weights otherwise; the
+            loss is the cross-entropy alone, whatever ``regression_weight`` says).
         decoder_condition: what the decoder stage conditions on: ``regressed`` (the paper: Emu's Q embeddings
             regressed after the text before the image and ``[IMG]``) or ``autoencoder`` (Emu2: the resampler's
             embeddings of the target image itself).
@@ -111,9 +112,9 @@ class EmuModel(L.LightningModule):
         self.data_skips: dict[str, Counter] = {}
         """Samples the streaming readers skipped in this process's training batches, per source and reason."""
         self.data_truncated = 0
+        """Training samples cut at ``max_length`` in this process (their end, e.g. late turns, is not trained)."""
         self.last_chat: dict[str, int] = {}
         """What the last :meth:`chat` call did to fit the context: ``dropped_turns``, ``prompt_tokens``."""
-        """Training samples cut at ``max_length`` in this process (their end, e.g. late turns, is not trained)."""
         self._uncondition: Tensor | None = None  # the decoder stage's unconditional branch, computed once per fit
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} must be one of {list(STAGES)}")
@@ -324,7 +325,10 @@ class EmuModel(L.LightningModule):
         if self.stage == "decoder":
             losses = self.decoder_losses(batch)
             return {**losses, "loss": losses["decoder"]}
-        return self.losses(batch)
+        losses = self.losses(batch)
+        if self.stage == "instruct":  # the loss is on the assistant's text only; the MSE is still reported
+            losses["loss"] = self.ce_weight * losses["ce"]
+        return losses
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.stage_losses(batch)

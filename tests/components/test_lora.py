@@ -207,3 +207,29 @@ def test_meta_device_build():
     assert llm.num_lora_parameters == NUM_LORA
     count = sum(p.numel() for p in llm.parameters())
     assert count == sum(p.numel() for p in plain.parameters()) + NUM_LORA
+
+
+def test_adapters_of_a_pretrained_model_with_a_resized_vocabulary_round_trip(tmp_path):
+    """Emu's tokens always resize a real LLM's vocabulary; peft would then save the embeddings with the adapters."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(HFCausalLM(config=CFG).model.config).save_pretrained(tmp_path / "base")
+
+    def pretrained():
+        torch.manual_seed(1)
+        llm = HFCausalLM(pretrained_path=str(tmp_path / "base"), lora=LoRA(r=4))
+        llm.resize_token_embeddings(CFG["vocab_size"] + 6)
+        return llm.eval()  # no LoRA dropout
+
+    llm = pretrained()
+    perturb(llm)
+    llm.save_lora(tmp_path / "lora")
+    saved = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert len(saved) == 2 * 4 * 2 and all(".lora_" in k for k in saved)  # adapters only, no embeddings
+    again = pretrained()
+    again.load_lora(tmp_path / "lora")
+    torch.testing.assert_close(logits(again), logits(llm), rtol=0, atol=1e-5)
+    # a folder that also holds the embeddings (as peft writes it) loads its adapters, with a warning
+    save_file({**saved, "base_model.model.model.embed_tokens.weight": torch.zeros(70, 32)},
+              tmp_path / "lora" / "adapter_model.safetensors")  # fmt: skip
+    with pytest.warns(UserWarning, match="ignoring 1 non-adapter"):
+        pretrained().load_lora(tmp_path / "lora")

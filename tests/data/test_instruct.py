@@ -165,11 +165,12 @@ def test_sharegpt_system_turns_and_leading_bot_turns(sequencer, tmp_path):
             {"id": "s1", "conversations": [turn("gpt", "i start."), turn("bard", "me too."), turn("human", "ok"),
                                            turn("assistant", "done.")]},
             {"id": "s2", "conversations": [turn("system", ""), turn("human", "x"), turn("gpt", "y.")]},
+            {"id": "s3", "conversations": [turn("human", "a"), turn("gpt", "b."), turn("human", "unanswered?")]},
         ],
     )  # fmt: skip
     source = reader(path, "sharegpt")
     samples = list(source)
-    assert [s["id"] for s in samples] == ["s0", "s1", "s2"]
+    assert [s["id"] for s in samples] == ["s0", "s1", "s2", "s3"]
     own = {"text": "you answer briefly.", "loss": False}
     assert_items(samples[0]["items"], [own, U, ctx("hi"), A, " hello.", END_OF_CHUNK, U, ctx("how are you?"), A,
                                        " fine.", END_OF_CHUNK])  # fmt: skip
@@ -177,9 +178,14 @@ def test_sharegpt_system_turns_and_leading_bot_turns(sequencer, tmp_path):
     assert_items(samples[2]["items"], [U, ctx("x"), A, " y.", END_OF_CHUNK])  # an empty system turn: none
     assert_trained_on(sequencer, samples[0], ["hello.", "fine."])
     assert_trained_on(sequencer, samples[1], ["done."])
-    # The two dropped turns are counted, and the conversation is still used.
+    # An unanswered last question is dropped (its EOS would teach stopping after a question), and counted.
+    assert_items(samples[3]["items"], [SYS, U, ctx("a"), A, " b.", END_OF_CHUNK])
+    assert_trained_on(sequencer, samples[3], ["b."])
+    # The dropped turns are counted, and the conversations are still used.
     assert samples[1]["skipped"] == {"dropped_leading_turn": 2} and samples[2]["skipped"] is None
-    assert source.check() == {"ok": 3, "skipped": 2, "reasons": {"dropped_leading_turn": 2}}
+    assert samples[3]["skipped"] == {"dropped_trailing_turn": 1}
+    reasons = {"dropped_leading_turn": 2, "dropped_trailing_turn": 1}
+    assert source.check() == {"ok": 4, "skipped": 3, "reasons": reasons}
     quiet = list(reader(path, "sharegpt", system=""))
     assert_items(quiet[1]["items"], [U, ctx("ok"), A, " done.", END_OF_CHUNK])
     assert quiet[0]["items"][0] == own  # the conversation's own system turn still applies

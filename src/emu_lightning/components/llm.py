@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,9 @@ class HFCausalLM(LanguageModel):
         self._require_lora("lora_state_dict")
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model, adapter_name=ADAPTER_NAME)
+        # Not the embeddings: peft adds them when the vocabulary was resized (Emu's tokens always resize it), but
+        # they are not trained here and belong to the base model.
+        return get_peft_model_state_dict(self.model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
 
     def save_lora(self, path: str | Path) -> None:
         """Write the adapters to folder ``path`` as ``PeftModel.save_pretrained`` does.
@@ -317,6 +320,11 @@ class HFCausalLM(LanguageModel):
                     f"LoRA in {str(path)!r} has (r, alpha, target_modules) = {theirs}, this model has {ours}"
                 )
         state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path / ADAPTER_WEIGHTS)).items()}
+        extra = sorted(k for k in state if not _is_lora_key(k))
+        if extra:  # e.g. the embeddings peft saves beside adapters of a model with a resized vocabulary
+            warnings.warn(f"LoRA folder {str(path)!r}: ignoring {len(extra)} non-adapter tensor(s) {extra[:4]}",
+                          stacklevel=2)  # fmt: skip
+            state = {k: v for k, v in state.items() if k not in extra}
         params = {_without_adapter_name(n): p for n, p in self.model.named_parameters() if _is_lora_key(n)}
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:

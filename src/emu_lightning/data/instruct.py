@@ -15,7 +15,8 @@ Every format is a json list of entries (``.json``) or one entry per line (``.jso
   ``{video_dir}/{video_id}`` with ``.mp4``, ``.mkv`` or ``.avi``, the first that exists.
 
 For the chat formats (``llava``, ``sharegpt``) a leading ``system`` turn replaces the system message for that
-conversation, and leading assistant turns (ShareGPT conversations that start with the bot) are dropped. A
+conversation, leading assistant turns (ShareGPT conversations that start with the bot) and trailing user turns
+(questions without an answer) are dropped. A
 video is decoded to ``num_frames`` frames with :func:`~emu_lightning.data.webvid.read_clip` (a random time in
 each segment for training, its centre for evaluation) and placed as one ``(F, 3, S, S)`` item before the
 first user turn's text. The turns become sequence items with
@@ -44,6 +45,8 @@ Skip reasons (each counts one conversation, except where said):
 - ``bad_conversation``: any other problem the template reports (:class:`ConversationError`), e.g. text that
   holds a reserved tag such as ``[USER]`` or ``[IMG]``.
 - ``dropped_leading_turn``: one leading assistant turn dropped; the conversation itself is still used.
+- ``dropped_trailing_turn``: one trailing user turn without an answer dropped (ShareGPT and LLaVA-665k have
+  them); the conversation itself is still used.
 """
 
 from __future__ import annotations
@@ -257,9 +260,13 @@ PARSERS = {
 }
 
 
-def _check_roles(turns: list[tuple[str, str]], system: str | None) -> tuple[list[tuple[str, str]], str | None, int]:
-    """The turns from the first user turn on, the system message (a leading system turn's, else ``system``)
-    and how many leading assistant turns were dropped; raises for roles the template cannot take."""
+def _check_roles(
+    turns: list[tuple[str, str]], system: str | None
+) -> tuple[list[tuple[str, str]], str | None, int, int]:
+    """The turns from the first user turn to the last assistant turn, the system message (a leading system turn's,
+    else ``system``), and how many leading assistant and trailing user turns were dropped (an unanswered question
+    has nothing to train on, and the EOS after it would teach the model to stop after a question); raises for
+    roles the template cannot take."""
     if turns and turns[0][0] == "system":
         system, turns = turns[0][1].strip(), turns[1:]
     if any(role == "system" for role, _ in turns):
@@ -272,7 +279,10 @@ def _check_roles(turns: list[tuple[str, str]], system: str | None) -> tuple[list
             raise _Bad("bad_roles", f"turns {k - 1} and {k} are both {turns[k][0]} turns")
     if not any(role == "assistant" for role, _ in turns):
         raise _Bad("no_assistant_turn", f"{len(turns)} turn(s) from the first user turn, none by the assistant")
-    return turns, system, dropped
+    trailing = 0
+    while turns[-1][0] == "user":
+        turns, trailing = turns[:-1], trailing + 1
+    return turns, system, dropped, trailing
 
 
 # ---------------------------------------------------------------------- source
@@ -359,11 +369,12 @@ class InstructionConversations(StreamingSource):
     def conversation(
         self, path: Path, number: int, entry: Any, rng: np.random.Generator
     ) -> Iterator[dict[str, Any] | Skip]:
-        """One entry as a sample, after a ``dropped_leading_turn`` skip per dropped turn; raises :class:`_Bad`."""
+        """One entry as a sample, after a ``dropped_leading_turn`` / ``dropped_trailing_turn`` skip per dropped turn;
+        raises :class:`_Bad`."""
         if not isinstance(entry, dict):
             raise _Bad("malformed_json", f"an entry must be a JSON object, got {type(entry).__name__}")
         dialogue = PARSERS[self.format](entry)
-        turns, system, dropped = _check_roles(dialogue.turns, self.system)
+        turns, system, dropped, trailing = _check_roles(dialogue.turns, self.system)
         tags = sum(text.count(IMAGE_TAG) for _, text in turns)
         if tags != len(dialogue.images):
             raise _Bad("image_tag_mismatch", f"{tags} {IMAGE_TAG} tag(s) for {len(dialogue.images)} image(s)")
@@ -385,6 +396,8 @@ class InstructionConversations(StreamingSource):
             raise _Bad("bad_conversation", str(error)) from None
         for _ in range(dropped):
             yield Skip("dropped_leading_turn", f"{path.name}:{number}")
+        for _ in range(trailing):
+            yield Skip("dropped_trailing_turn", f"{path.name}:{number}")
         sample_id = entry.get("id")
         yield {"items": items, "id": str(sample_id) if sample_id is not None else f"{path.name}:{number}"}
 
