@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import torch
 
-from emu_lightning.conversation import SYSTEM, ConversationError
+from emu_lightning.conversation import ROLE_NAMES, SYSTEM, ConversationError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi")
@@ -37,7 +37,6 @@ _MEDIA = re.compile(
     re.IGNORECASE,
 )
 """A media path: quoted (may hold spaces), or a word, which may be followed by punctuation ("see a.png, b.png.")."""
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class MediaError(ValueError):
@@ -99,9 +98,9 @@ def read_conversation(text: str) -> list[dict[str, str]]:
         for k, turn in enumerate(turns):
             if not isinstance(turn, dict):
                 raise ConversationError(f"turn {k} is not an object: {turn!r}")
-            role = _ROLES.get(str(turn.get("role", turn.get("from", ""))).lower())
+            role = ROLE_NAMES.get(str(turn.get("role", turn.get("from", ""))).lower())
             content = turn.get("content", turn.get("value"))
-            if role is None or not isinstance(content, str):
+            if role not in ("user", "assistant") or not isinstance(content, str):
                 raise ConversationError(f"turn {k} needs a role (user/assistant) and text content: {turn!r}")
             out.append({"role": role, "content": content})
         return out

@@ -26,6 +26,17 @@ from emu_lightning.tokenizer import ASSISTANT, IMAGE, IMG_END, IMG_START, USER
 SYSTEM = "you are a helpful assistant."
 """The default system message: short, since every training sequence repeats it (20 tokens of the tiny BPE)."""
 ROLES = ("user", "assistant")
+ROLE_NAMES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+"""The role names of released conversation data (LLaVA and ShareGPT ``from``), as the template's roles (and
+``system``, a turn that sets the system message)."""
 USER_TAG = f" {USER}:"
 ASSISTANT_TAG = f" {ASSISTANT}:"
 IMAGE_TAG = "<image>"
@@ -39,9 +50,7 @@ class ConversationError(ValueError):
 
 def content_items(content: Any) -> list[Any]:
     """A turn's content as a list of items (a string becomes one text item)."""
-    if isinstance(content, str):
-        return [content]
-    if isinstance(content, Tensor):
+    if isinstance(content, (str, Tensor)):
         return [content]
     if isinstance(content, (list, tuple)):
         return list(content)

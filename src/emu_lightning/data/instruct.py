@@ -62,7 +62,14 @@ import av
 import numpy as np
 from torch import Tensor
 
-from emu_lightning.conversation import IMAGE_TAG, SYSTEM, ConversationError, conversation_items, split_image_tags
+from emu_lightning.conversation import (
+    IMAGE_TAG,
+    ROLE_NAMES,
+    SYSTEM,
+    ConversationError,
+    conversation_items,
+    split_image_tags,
+)
 from emu_lightning.data.modules import StreamingDataModule
 from emu_lightning.data.pairs import decode_image
 from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls
@@ -71,16 +78,6 @@ from emu_lightning.data.world import COLOURS, ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
 FORMATS = ("llava", "sharegpt", "alpaca", "videochat", "video_chatgpt")
-ROLE_NAMES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
-"""The roles of LLaVA and ShareGPT turns (``from``), as the template's roles."""
 SUFFIXES = (".json", ".jsonl")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi")
 """Video-ChatGPT's file extensions, in the order a ``video_id``'s file is looked for."""
