@@ -49,37 +49,18 @@ from typing import Any
 
 import torch
 
-from emu_lightning.components.llm import HFCausalLM, LoRA
-from emu_lightning.components.resampler import CausalTransformer
-from emu_lightning.components.vision import TimmVisionBackbone
+from emu_lightning.components.llm import LoRA
 from emu_lightning.conversation import conversation_items
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.model import EmuModel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import QUICK, SMALL, Config  # noqa: E402
+from train_throughput import QUICK, SMALL, Config, build_model  # noqa: E402
 
 
 def build(cfg: Config, lora: bool) -> EmuModel:
     torch.manual_seed(0)
-    vision = TimmVisionBackbone(
-        "vit_base_patch16_224",
-        image_size=cfg.image_size,
-        model_kwargs={"patch_size": cfg.patch, "embed_dim": cfg.vit_dim, "depth": cfg.vit_depth,
-                      "num_heads": cfg.vit_heads},
-    )  # fmt: skip
-    resampler = CausalTransformer(
-        in_dim=vision.out_dim, out_dim=cfg.hidden, num_queries=cfg.queries, width=cfg.resampler_width,
-        depth=cfg.resampler_depth, num_heads=cfg.resampler_heads,
-    )  # fmt: skip
-    llm = HFCausalLM(
-        model_type="llama",
-        config={"vocab_size": 512, "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
-                "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.heads,
-                "max_position_embeddings": cfg.seq_len},
-        lora=LoRA() if lora else None,
-    )  # fmt: skip
-    return EmuModel(vision, resampler, llm, max_length=cfg.seq_len, stage="instruct", regression_weight=0.0)
+    return build_model(cfg, "default", lora=LoRA() if lora else None, stage="instruct")
 
 
 def batches(model: EmuModel, cfg: Config, batch_size: int, num: int) -> list[dict[str, Any]]:
@@ -133,7 +114,7 @@ def child(mode: str, cfg: Config, steps: int, profiled_steps: int, batch_size: i
     losses: list[float] = []
 
     def step(batch: dict[str, Any]) -> None:
-        loss = model.losses(batch)["loss"]
+        loss = model.stage_losses(batch)["loss"]  # the instruct stage: the answers' cross-entropy
         loss.backward()
         losses.append(float(loss))
         optimizer.step()

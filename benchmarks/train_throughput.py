@@ -148,7 +148,9 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------- model and data
-def build_model(cfg: Config, optimizer: str, lr: float = 1e-4) -> EmuModel:
+def build_model(cfg: Config, optimizer: str, lr: float = 1e-4, lora: Any = None, **model_kwargs: Any) -> EmuModel:
+    """The config's Emu; ``lora`` (a :class:`LoRA`) goes to the language model, ``model_kwargs`` to EmuModel
+    (``stage``, ...)."""
     vision = TimmVisionBackbone(
         "vit_base_patch16_224",
         image_size=cfg.image_size,
@@ -179,11 +181,12 @@ def build_model(cfg: Config, optimizer: str, lr: float = 1e-4) -> EmuModel:
             "max_position_embeddings": cfg.seq_len,
         },
         attn_implementation="sdpa",
+        lora=lora,
     )
     kwargs: dict[str, Any] = {"foreach": {"foreach": True}, "fused": {"fused": True}, "default": {}}[optimizer]
     factory = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01, **kwargs)
     # No scheduler: configure_optimizers() then returns the bare optimizer, which both loops step alike.
-    return EmuModel(vision, resampler, llm, tokenizer=None, max_length=cfg.seq_len, optimizer=factory)
+    return EmuModel(vision, resampler, llm, tokenizer=None, max_length=cfg.seq_len, optimizer=factory, **model_kwargs)
 
 
 def make_batches(model: EmuModel, cfg: Config, batch_size: int, num_batches: int) -> list[dict[str, Any]]:
