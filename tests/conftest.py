@@ -28,13 +28,13 @@ def tokenizer():
     return load_tokenizer()
 
 
-def make_model(num_queries: int = 4, max_length: int = 64, **kwargs) -> EmuModel:
+def make_model(num_queries: int = 4, max_length: int = 64, lora=None, **kwargs) -> EmuModel:
     torch.manual_seed(0)
     vision = TimmVisionBackbone(
         "vit_base_patch16_224", image_size=16, model_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
     )
     resampler = CausalTransformer(in_dim=32, out_dim=32, num_queries=num_queries, width=32, depth=1, num_heads=2)
-    llm = HFCausalLM(config=TINY_LLM)
+    llm = HFCausalLM(config=TINY_LLM, lora=lora)
     return EmuModel(vision, resampler, llm, max_length=max_length, **kwargs)
 
 

@@ -4,12 +4,10 @@ saved, loaded and merged; and the assistant, ``EmuModel.chat``."""
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLM, make_model
+from conftest import make_model
 from torch.utils.data import DataLoader
 
-from emu_lightning.components.llm import HFCausalLM, LoRA
-from emu_lightning.components.resampler import CausalTransformer
-from emu_lightning.components.vision import TimmVisionBackbone
+from emu_lightning.components.llm import LoRA
 from emu_lightning.conversation import ConversationError, conversation_items
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.model import EmuModel
@@ -19,13 +17,7 @@ SMALL_LORA = LoRA(r=4, alpha=8, dropout=0.0)
 
 
 def instruct_model(lora: LoRA | None = SMALL_LORA, **kwargs) -> EmuModel:
-    torch.manual_seed(0)
-    vision = TimmVisionBackbone(
-        "vit_base_patch16_224", image_size=16, model_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
-    )
-    resampler = CausalTransformer(in_dim=32, out_dim=32, num_queries=4, width=32, depth=1, num_heads=2)
-    llm = HFCausalLM(config=TINY_LLM, lora=lora)
-    return EmuModel(vision, resampler, llm, max_length=96, stage="instruct", **kwargs)
+    return make_model(num_queries=4, max_length=96, lora=lora, stage="instruct", **kwargs)
 
 
 def conversations(n: int, split: str = "train") -> list[list]:
