@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from emu_lightning.callbacks import FinalCheckpoint
 from emu_lightning.cli import cli
 from emu_lightning.data.modules import EmuDataModule
 from emu_lightning.data.world import ShapesWorld
@@ -95,11 +96,15 @@ def few_shot_scores(trainer: Any, model: EmuModel) -> dict[str, float]:
 
 def save_run(trainer: Any, results: dict[str, Any], details: dict[str, Any]) -> None:
     """Save the trained weights as evaluated here, whichever way training stopped (max_steps or max_time), as
-    ``<run>/checkpoints/final.ckpt``; write ``results`` and ``details`` to ``<run>/demo.json``; print ``results``."""
+    ``<run>/checkpoints/final.ckpt`` unless the config's :class:`FinalCheckpoint` already wrote them at the end of
+    ``fit``; write ``results`` and ``details`` to ``<run>/demo.json``; print ``results``."""
     out_dir = run_dir(trainer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(out_dir / "checkpoints" / "final.ckpt")
-    print(f"checkpoint: {out_dir / 'checkpoints' / 'final.ckpt'}")
+    final = next((c.target(trainer) for c in trainer.callbacks if isinstance(c, FinalCheckpoint)), None)
+    if final is None:
+        final = out_dir / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(final)
+    print(f"checkpoint: {final}")
     (out_dir / "demo.json").write_text(json.dumps({**results, **details}, indent=2))
     print(json.dumps(results))
 
