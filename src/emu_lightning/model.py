@@ -357,7 +357,9 @@ class EmuModel(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self.stage_losses(batch)
-        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["input_ids"].shape[0])
+        # averaged over every rank's batches (under DDP each rank validates its own part of the held-out set)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, batch_size=batch["input_ids"].shape[0],
+                      sync_dist=True)  # fmt: skip
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -24,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from emu_lightning.data.coco import load_image, read_karpathy
 from emu_lightning.data.vqa import read_vqa
 from emu_lightning.data.world import ShapesWorld
+from emu_lightning.distributed import gather_dicts, rank_zero_first
 from emu_lightning.eval.metrics import (
     cached_feature_stats,
     coco30k_prompts,
@@ -130,8 +130,8 @@ class FewShotEval(ScheduledEval):
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
         raise NotImplementedError
 
-    def build(self, trainer: L.Trainer, pl_module: Any) -> FewShotTask:
-        root = run_dir(trainer)
+    def build(self, trainer: L.Trainer, pl_module: Any, root: Path) -> FewShotTask:
+        """The task over this callback's examples; ShapesWorld sets are written under ``root`` (the run folder)."""
         queries, support = self.examples(trainer, pl_module, root / "eval_data")
         if self.num_queries is not None:
             queries = queries[: self.num_queries]
@@ -142,27 +142,24 @@ class FewShotEval(ScheduledEval):
     def _run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
         results = self.evaluate(trainer, pl_module)
         for shots, r in results["shots"].items():
-            pl_module.log(f"eval/{self.task_name}_{shots}shot", r["mean"], rank_zero_only=True)
-            pl_module.log(f"eval/{self.task_name}_{shots}shot_std", r["std"], rank_zero_only=True)
+            _log(pl_module, f"eval/{self.task_name}_{shots}shot", r["mean"])
+            _log(pl_module, f"eval/{self.task_name}_{shots}shot_std", r["std"])
         return results
 
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
         """Evaluate now, outside the schedule (e.g. before training): results are recorded in ``history``
         and written to the run folder, but not logged."""
-        if self.task is None:
-            if trainer.is_global_zero or not _distributed():
-                self.task = self.build(trainer, pl_module)
-            trainer.strategy.barrier()
-            if self.task is None:  # other ranks read what rank 0 wrote
-                self.task = self.build(trainer, pl_module)
+        root = run_dir(trainer)  # a collective under DDP: every rank asks, before any rank-only branch
+        if self.task is None:  # rank 0 writes any ShapesWorld files, then the other ranks read them
+            self.task = rank_zero_first(lambda: self.build(trainer, pl_module, root), f"{self.task_name} set-up")
         task, step = self.task, _weights_step(trainer, pl_module)
         shard = range(trainer.global_rank, len(task.queries), trainer.world_size)
         progress = lambda line: rank_zero_info(f"[{self.task_name}] step {step}: {line}")  # noqa: E731
         results = {"step": step, "num_queries": len(task.queries),
-                   **task.evaluate(pl_module, shard, gather=_gather, on_progress=progress)}  # fmt: skip
+                   **task.evaluate(pl_module, shard, collect=gather_dicts, on_progress=progress)}  # fmt: skip
         self.history.append(results)
         if trainer.is_global_zero:
-            _write_report(run_dir(trainer) / "eval", results)
+            _write_report(root / "eval", results)
         return results
 
 
@@ -327,7 +324,7 @@ class TextToImageEval(ScheduledEval):
 
     task_name = "text_to_image"
 
-    def _setup(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def _setup(self, trainer: L.Trainer, pl_module: Any, root: Path) -> None:
         self._fid = make_fid(self.extractor, self.inception_path)
         if self.captions_json is None:
             world = _world(trainer, pl_module)
@@ -350,7 +347,7 @@ class TextToImageEval(ScheduledEval):
                 return torch.stack([im for im in images if im is not None])
 
             source = f"{Path(self.captions_json).stem}-{self.num_prompts}-seed{self.seed}-{self.real_size}px"
-        cache = Path(self.stats_cache_dir) if self.stats_cache_dir else run_dir(trainer) / "eval" / "fid_stats"
+        cache = Path(self.stats_cache_dir) if self.stats_cache_dir else root / "eval" / "fid_stats"
         name = f"{source}-{self._fid.extractor_name}".replace("/", "_")
         self._real_stats = cached_feature_stats(cache, name, lambda: self._features(real()),
                                                 {"source": source, "extractor": self._fid.extractor_name})  # fmt: skip
@@ -366,10 +363,10 @@ class TextToImageEval(ScheduledEval):
         results = self.evaluate(trainer, pl_module)
         if results is None:
             return None
-        pl_module.log("eval/t2i_fid", results["fid"]["value"], rank_zero_only=True)
+        _log(pl_module, "eval/t2i_fid", results["fid"]["value"])
         for k, v in results.get("attributes", {}).items():
             if k in ("colour_accuracy", "shape_accuracy", "scene_accuracy") and v is not None:
-                pl_module.log(f"eval/t2i_{k}", v, rank_zero_only=True)
+                _log(pl_module, f"eval/t2i_{k}", v)
         experiment = getattr(trainer.logger, "experiment", None)
         if trainer.is_global_zero and hasattr(experiment, "add_image"):  # TensorBoard: the grid beside the scalars
             from torchvision.utils import make_grid
@@ -387,17 +384,22 @@ class TextToImageEval(ScheduledEval):
                                "evaluation skipped")  # fmt: skip
                 self._warned = True
             return None
-        if self._prompts is None:
-            self._setup(trainer, pl_module)
+        root = run_dir(trainer)  # a collective under DDP: every rank asks, before any rank-only branch
+        if self._prompts is None:  # rank 0 caches the real statistics, then the other ranks read them
+            rank_zero_first(lambda: self._setup(trainer, pl_module, root), f"{self.task_name} set-up")
         step = _weights_step(trainer, pl_module)
         shard = self._prompts[trainer.global_rank :: trainer.world_size]
-        generated: dict[Any, torch.Tensor] = {}
-        for start in range(0, len(shard), self.batch_size):
-            chunk = shard[start : start + self.batch_size]
-            images = pl_module.generate_image([[caption] for _, caption in chunk], guidance_scale=self.guidance_scale,
-                                              steps=self.steps)  # fmt: skip
-            generated.update({key: img.detach().float().cpu().clamp(0, 1) for (key, _), img in zip(chunk, images)})
-        generated = _gather(generated)
+
+        def generate() -> dict[Any, torch.Tensor]:
+            generated: dict[Any, torch.Tensor] = {}
+            for start in range(0, len(shard), self.batch_size):
+                chunk = shard[start : start + self.batch_size]
+                images = pl_module.generate_image([[caption] for _, caption in chunk],
+                                                  guidance_scale=self.guidance_scale, steps=self.steps)  # fmt: skip
+                generated.update({key: img.detach().float().cpu().clamp(0, 1) for (key, _), img in zip(chunk, images)})
+            return generated
+
+        generated = gather_dicts(generate, f"{self.task_name} generation")
         keys = [k for k, _ in self._prompts if k in generated]
         fake = torch.stack([generated[k] for k in keys])
         mu, sigma = feature_stats(self._features(fake))
@@ -414,7 +416,7 @@ class TextToImageEval(ScheduledEval):
         if trainer.is_global_zero:
             from torchvision.utils import save_image
 
-            folder = run_dir(trainer) / "eval"
+            folder = root / "eval"
             folder.mkdir(parents=True, exist_ok=True)
             save_image(fake[:64], folder / f"text_to_image-step{step:07d}.png", nrow=8)
             (folder / f"text_to_image-step{step:07d}.json").write_text(json.dumps(results, indent=2, default=str))
@@ -429,6 +431,12 @@ def _world(trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
     return ShapesWorld(image_size=getattr(getattr(pl_module, "vision", None), "image_size", 32))
 
 
+def _log(pl_module: Any, name: str, value: float) -> None:
+    # Every rank holds the same scores (they are computed from everyone's predictions), and every rank logs them:
+    # the all-reduce of identical values changes nothing, and no rank waits for another that did not log.
+    pl_module.log(name, float(value), sync_dist=True)
+
+
 def _weights_step(trainer: L.Trainer, pl_module: Any) -> int:
     """The training step of the weights being evaluated: the trainer's while fitting; under ``validate``, that of
     the checkpoint the model was loaded from (the trainer counts from 0 there)."""
@@ -438,23 +446,11 @@ def _weights_step(trainer: L.Trainer, pl_module: Any) -> int:
     return trainer.global_step if loaded is None else int(loaded)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _gather(predictions: dict[int, str]) -> dict[int, str]:
-    if not _distributed():
-        return predictions
-    shards: list[dict[int, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, predictions)
-    merged: dict[int, str] = {}
-    for shard in shards:
-        merged.update(shard or {})
-    return merged
-
-
 def run_dir(trainer: L.Trainer) -> Path:
-    """Where a run's reports go: the logger's version folder, or the trainer's root without a logger."""
+    """Where a run's reports go: the logger's version folder, or the trainer's root without a logger.
+
+    Under DDP this is a collective (``trainer.log_dir`` broadcasts rank 0's folder): every rank must call it at the
+    same point, never inside a rank-only branch."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 

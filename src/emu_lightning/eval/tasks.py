@@ -10,6 +10,7 @@ most similar support images instead (most similar last, nearest the query). ``sh
 
 from __future__ import annotations
 
+import functools
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -224,7 +225,7 @@ class FewShotTask:
         self,
         model: Any,
         indices: Sequence[int] | None = None,
-        gather: Callable[[dict[int, str]], dict[int, str]] | None = None,
+        collect: Callable[[Callable[[], dict[int, str]], str], dict[int, str]] | None = None,
         on_progress: Callable[[str], None] | None = None,
     ) -> dict[str, Any]:
         """Run every (shots, seed) pair; returns the mean and std per number of shots.
@@ -232,7 +233,9 @@ class FewShotTask:
         Args:
             model: anything with ``generate`` (an :class:`~emu_lightning.model.EmuModel`).
             indices: the queries this process predicts (default: all); under DDP, a rank's shard.
-            gather: merges the predictions of every process before scoring (default: none to merge).
+            collect: under DDP, runs a rank's prediction (a function of no arguments) on every rank and returns the
+                union of their predictions, failing on every rank when one fails (``distributed.gather_dicts``);
+                default: the predictions of this process alone.
             on_progress: called with a line per (shots, seed).
         """
         results: dict[str, Any] = {"task": self.name, "selection": self.selection, "shots": {}}
@@ -241,9 +244,9 @@ class FewShotTask:
             scores = []
             drawn = shots > 0 or self.zero_shot_text_demos > 0
             for seed in self.seeds if drawn else self.seeds[:1]:  # without demonstrations seeds change nothing
-                predictions = self.predict(model, shots, seed, indices)
-                if gather is not None:
-                    predictions = gather(predictions)
+                predict = functools.partial(self.predict, model, shots, seed, indices)
+                what = f"{self.name} {shots}-shot seed {seed}"
+                predictions = predict() if collect is None else collect(predict, what)
                 scores.append(self.score(predictions))
                 if on_progress is not None:
                     on_progress(f"{self.name} {shots}-shot seed {seed}: {scores[-1]:.2f}")
