@@ -56,7 +56,7 @@ def load_model(ckpt: str | None) -> tuple[EmuModel, str]:
         found = sorted(Path("runs/tiny").glob("**/final.ckpt"), key=lambda p: p.stat().st_mtime)
         ckpt = str(found[-1]) if found else None
     if ckpt is not None:
-        return EmuModel.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False), ckpt
+        return EmuModel.load_from_checkpoint(ckpt, map_location="cpu"), ckpt
     torch.manual_seed(0)
     return cli(["--config", "configs/tiny.yaml"], run=False).model, "untrained"
 

@@ -235,10 +235,16 @@ def test_a_checkpoint_given_to_the_cli_replaces_the_stage_init_checkpoint(tmp_pa
             raise Stop(self.config[self.subcommand].model.init_checkpoint)
 
     configs = [a for c in stage_configs("instruct") for a in ("--config", str(ROOT / c))]
+    import torch
+
+    checkpoint = tmp_path / "instruct.ckpt"  # a Lightning checkpoint without hyperparameters to compare
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, checkpoint)
     for subcommand in ("fit", "validate"):
         with pytest.raises(Stop) as stop:
-            cli([subcommand, *configs, "--ckpt_path", str(tmp_path / "instruct.ckpt")], cli_class=Capture)
+            cli([subcommand, *configs, "--ckpt_path", str(checkpoint)], cli_class=Capture)
         assert stop.value.args == (None,)
+    with pytest.raises(FileNotFoundError, match="--ckpt_path .*missing.ckpt' does not exist"):
+        cli(["fit", *configs, "--ckpt_path", str(tmp_path / "missing.ckpt")], cli_class=Capture)
     with pytest.raises(Stop) as stop:
         cli(["fit", *configs], cli_class=Capture)
     assert stop.value.args == ("runs/tiny-decoder/final.ckpt",)

@@ -67,7 +67,13 @@ def _val_ce(folder: Path) -> float:
 
 def test_two_process_fit_with_evaluations_finishes_with_the_one_process_scores(tmp_path):
     (tmp_path / "overlay.yaml").write_text(OVERLAY)
-    configs = ["--config", str(ROOT / "configs/tiny.yaml"), "--config", "overlay.yaml", "--trainer.default_root_dir=run"]
+    configs = [
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        "--config",
+        "overlay.yaml",
+        "--trainer.default_root_dir=run",
+    ]
     _run(["fit", *configs, "--trainer.devices=2", "--trainer.strategy=ddp"], tmp_path)
     two = next((tmp_path / "logs").glob("lightning_logs/version_0"))
     final = tmp_path / "run" / "final.ckpt"

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import torch
 
+from emu_lightning.checkpoints import CheckpointError
 from emu_lightning.conversation import ROLE_NAMES, SYSTEM, ConversationError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -146,7 +147,10 @@ def load_model(path: str, merge: bool = True) -> Any:
 
     if not Path(path).is_file():
         raise SystemExit(f"checkpoint {path!r} does not exist")
-    model = EmuModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    try:
+        model = EmuModel.load_from_checkpoint(path, map_location="cpu")
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     if merge and getattr(model.llm, "has_lora", False):
         model.merge_lora()
     return model.eval()

@@ -10,11 +10,28 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import lightning as L
+import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
-from emu_lightning.model import EmuModel
+from emu_lightning.callbacks import PreemptionCheckpoint
+from emu_lightning.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint
+from emu_lightning.model import COMPONENTS, EmuModel
+
+ARCHITECTURE = (*COMPONENTS, "tokenizer")
+"""The model arguments that make the network and its vocabulary: a checkpoint of other ones cannot be resumed."""
+SPECIAL_CKPT_PATHS = ("last", "hpc", "best", "registry")
+"""``ckpt_path`` values that Lightning resolves to a file itself."""
+
+
+class ConfigError(ValueError):
+    """A config file or command line that cannot run: the message names the file or the option."""
 
 
 class EmuCLI(LightningCLI):
@@ -30,6 +47,76 @@ class EmuCLI(LightningCLI):
         if config is not None and config.get("ckpt_path") and config.get("model") is not None:
             config.model.init_checkpoint = None
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the command's model, instead of Lightning's default of silently taking the
+        checkpoint's model arguments over the command's (which trained another architecture than the config said and
+        dropped changed loss weights). Another architecture is an error naming the differences; other changed
+        arguments (loss weights, optimizer, schedule) take the command's values, with a warning that lists them."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        path = config.get("ckpt_path") if config is not None else None
+        if not path or str(path) in SPECIAL_CKPT_PATHS or config.get("model") is None:
+            return
+        checkpoint = load_checkpoint(path, what="--ckpt_path", mmap=True)  # the metadata only
+        saved = dict(_flatten(checkpoint.get("hyper_parameters") or {}))
+        given = dict(_flatten(config.model.as_dict()))
+        changed = [k for k in sorted(saved.keys() & given.keys()) if k != "init_checkpoint" and saved[k] != given[k]]
+        network = [k for k in changed if k.split(".")[0] in ARCHITECTURE]
+        if network:
+            lines = "\n".join(f"  model.{k}: {saved[k]!r} in the checkpoint, {given[k]!r} here" for k in network[:12])
+            more = f"\n  ... and {len(network) - 12} more" if len(network) > 12 else ""
+            raise ConfigError(
+                f"--ckpt_path {path} holds another model than this command builds:\n{lines}{more}\n"
+                "Give the config the checkpoint was trained with (its run folder's config.yaml), or start a new run "
+                "from its weights with --model.init_checkpoint"
+            )
+        if changed:
+            lines = "\n".join(f"  model.{k}: {saved[k]!r} -> {given[k]!r}" for k in changed)
+            rank_zero_warn(f"{subcommand} --ckpt_path {path}: these model arguments differ from the checkpoint's and "
+                           f"take this command's values:\n{lines}")  # fmt: skip
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's trainer, plus what every run of this library has: a resumable checkpoint on SIGTERM
+        (:class:`~emu_lightning.callbacks.PreemptionCheckpoint`) and checkpoints read with ``weights_only=True``
+        (:class:`~emu_lightning.checkpoints.SafeCheckpointIO`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(PreemptionCheckpoint())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``{"a": {"b": 1}}`` -> ``("a.b", 1)``; tuples read as lists (a YAML round trip turns one into the other)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _flatten(item, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], list(value) if isinstance(value, tuple) else value
+
+
+def check_config_files(args: list[str]) -> None:
+    """Read every ``--config`` file of ``args`` as YAML first, so that a missing or malformed file is an error that
+    names it (jsonargparse reports ``in "<unicode string>", line 3`` without the file)."""
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            yaml.safe_load(file.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"config file {path}{where}: {problem} (not valid YAML)") from None
+
 
 def cli(args: list[str] | None = None, run: bool = True, cli_class: type[EmuCLI] = EmuCLI) -> EmuCLI:
     """Build (and by default run) the CLI; ``args`` as on the command line.
@@ -39,6 +126,7 @@ def cli(args: list[str] | None = None, run: bool = True, cli_class: type[EmuCLI]
     """
     # Nothing is downloaded at run time: without this every hub look-up waits ~45 s before failing.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_config_files(sys.argv[1:] if args is None else args)
     return cli_class(
         EmuModel,
         L.LightningDataModule,
@@ -55,7 +143,11 @@ def main() -> None:
         from emu_lightning.chat import main as chat_main
 
         sys.exit(chat_main(sys.argv[2:]))
-    cli()
+    try:
+        cli()
+    except (ConfigError, CheckpointError) as err:  # the message says it all: no traceback
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

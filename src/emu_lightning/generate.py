@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from emu_lightning.checkpoints import CheckpointError
 from emu_lightning.data.coco import load_image
 from emu_lightning.model import EmuModel
 
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> torch.Tensor:
         raise SystemExit(f"checkpoint {args.ckpt!r} does not exist")
     if bool(args.blend) == bool(args.items):
         raise SystemExit("give either prompt items or --blend A B")
-    model = EmuModel.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False).eval()
+    try:
+        model = EmuModel.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
     if model.decoder is None:
         raise SystemExit(f"{args.ckpt} has no decoder: train one first (configs/stages/decoder.yaml)")
     size = model.vision.image_size

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from transformers import TextStreamer
 
+from emu_lightning.checkpoints import EMU, LIGHTNING, load_checkpoint
 from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
 from emu_lightning.conversation import SYSTEM, ConversationError, conversation_items, normalise
 from emu_lightning.data.streaming import batch_skips, format_skips
@@ -151,14 +152,14 @@ class EmuModel(L.LightningModule):
         """Lightning's ``load_from_checkpoint``, except that the ``init_checkpoint`` the run started from is not read
         again (unless given here): every weight is in this checkpoint, and the earlier stage's file need not exist."""
         kwargs.setdefault("init_checkpoint", None)
+        if isinstance(checkpoint_path, (str, Path)):  # a clear error for a bad file, before Lightning reads it
+            load_checkpoint(checkpoint_path, what="checkpoint", require=(*LIGHTNING, *EMU), mmap=True)
+        kwargs["weights_only"] = True  # tensors and plain data only: a crafted file cannot run code
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _init_from(self, path: str) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"init_checkpoint {path!r} is not a file")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if "emu_tokenizer" not in checkpoint:
-            raise ValueError(f"init_checkpoint {path!r} is not an EmuModel checkpoint (it holds no tokenizer)")
+        # mapped: the weights are copied into the components at once
+        checkpoint = load_checkpoint(path, what="model.init_checkpoint", require=EMU, mmap=True)
         self._set_tokenizer(tokenizer_from_state(checkpoint["emu_tokenizer"]))
         state = checkpoint["state_dict"]
         for name, module in self.components().items():
