@@ -15,19 +15,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# DEMO_ARGS: demo options, e.g. --overwrite to replace the final weights of an earlier demo run.
+DEMO_ARGS ?=
+
 demo: $(STAMP)
-	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/pretrain.yaml
+	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/pretrain.yaml $(DEMO_ARGS)
 
 # The three training stages in order (README): pretraining (`make demo`), the decoder, instruction tuning. Each
 # starts from the previous one's runs/<stage>/final.ckpt (`model.init_checkpoint` in configs/stages/).
 demo-decoder: $(STAMP)
 	@test -f runs/tiny/final.ckpt || { echo "no runs/tiny/final.ckpt: run 'make demo' first"; exit 1; }
-	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml
+	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml $(DEMO_ARGS)
 
 demo-instruct: $(STAMP)
 	@test -f runs/tiny-decoder/final.ckpt || { echo "no runs/tiny-decoder/final.ckpt: run 'make demo-decoder' first"; exit 1; }
 	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml \
-		--config configs/stages/instruct.yaml
+		--config configs/stages/instruct.yaml $(DEMO_ARGS)
 
 chat: $(STAMP)
 	$(BIN)/emu-lightning chat --ckpt runs/tiny-instruct/final.ckpt

@@ -29,6 +29,9 @@ def test_demo_runs_and_the_loss_falls(tmp_path, capsys):
     assert "CIDEr 4-shot" in out and "VQA accuracy 0-shot" in out
     reports = sorted(p.name for p in tmp_path.rglob("eval/captioning-step*.json"))
     assert reports == ["captioning-step0000000.json", "captioning-step0000060.json"]
+    # run again with the same folder: stopped at once, the first run's final weights kept, unless --overwrite
+    with pytest.raises(SystemExit, match="(?s)final.ckpt holds the final weights of another run .step 60.*--overwrite"):
+        demo.main([f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2"])
 
 
 @pytest.mark.slow

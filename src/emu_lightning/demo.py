@@ -208,12 +208,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", action="append", help="config file(s), stacked (default: configs/tiny.yaml)")
     parser.add_argument("--num-eval", type=int, default=200, help="held-out images to caption after training")
     parser.add_argument("--show", type=int, default=10, help="captions to print")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the final weights an earlier run left at the same path"
+    )
     args, overrides = parser.parse_known_args(argv)
 
     torch.manual_seed(0)
     configs = args.config or ["configs/tiny.yaml"]
     run = cli([a for c in configs for a in ("--config", c)] + overrides, run=False)
     model, dm, trainer = run.model, run.datamodule, run.trainer
+    for final in (c for c in trainer.callbacks if isinstance(c, FinalCheckpoint)):
+        final.overwrite = final.overwrite or args.overwrite
+        try:  # now, not after minutes of evaluation and training
+            final.check_target(trainer)
+        except FileExistsError as err:
+            hint = "(the demo replaces it with --overwrite: make demo DEMO_ARGS=--overwrite)"
+            raise SystemExit(f"error: {err}\n{hint}") from None
     if not isinstance(getattr(dm, "world", None), ShapesWorld):
         raise SystemExit(f"the demo needs ShapesWorld data (a `world`), the config gives {type(dm).__name__}")
     if model.stage == "decoder":

@@ -392,7 +392,7 @@ def test_datamodule_writes_and_loads(tmp_path):
     )
     data.prepare_data()
     data.setup("fit")
-    assert json.loads((tmp_path / ".shapesworld-train.json").read_text())["image_size"] == 32
+    assert json.loads((tmp_path / ".shapesworld-train.json").read_text())["spec"]["image_size"] == 32
     batch = next(iter(data.train_dataloader()))
     counts = batch["image_counts"].tolist()
     assert len(counts) == 4 and set(counts) <= {1, 2}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from emu_lightning.data.owned import write_once
 from emu_lightning.data.streaming import StreamingSource, expand_urls
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import END_OF_CHUNK, SequenceBuilder
@@ -204,8 +205,10 @@ class StreamingDataModule(EmuDataModule):
 
     With ``shapesworld``, :meth:`prepare_data` first writes ShapesWorld data in the source's format to its
     configured paths (once: a marker file in their folder records it), so the offline default trains through
-    the same readers as real data. ``shapesworld`` holds the number of ``train`` and ``val`` samples and any
-    :class:`ShapesWorld` arguments but the image size (the DataModule's), e.g. ``{train: 2000, val: 64}``.
+    the same readers as real data. It writes only into an absent or empty folder or one it wrote itself
+    (:func:`~emu_lightning.data.owned.write_once`): a folder with other files (a user's data) is an error.
+    ``shapesworld`` holds the number of ``train`` and ``val`` samples and any :class:`ShapesWorld` arguments but
+    the image size (the DataModule's), e.g. ``{train: 2000, val: 64}``.
     """
 
     def __init__(
@@ -255,17 +258,14 @@ class StreamingDataModule(EmuDataModule):
                 continue
             expected = [str(Path(p)) for p in expand_urls(configured)]
             root = Path(expected[0]).parent
-            marker = root / f".shapesworld-{split}.json"
-            spec = {**self.shapesworld, "image_size": self.world.image_size}
-            if marker.exists() and json.loads(marker.read_text()) == spec:
-                continue
-            written = {str(Path(p)) for p in self.write_shapesworld(root, split, num, len(expected))}
+            spec = {**self.shapesworld, "image_size": self.world.image_size, "files": len(expected)}
+            write = functools.partial(self.write_shapesworld, root, split, num, len(expected))
+            written = {str(Path(p)) for p in write_once(root, split, spec, write)}
             if set(expected) != written or any(Path(p).parent != root for p in expected):
                 raise ValueError(
                     f"{type(self).__name__}: ShapesWorld wrote {sorted(written)} for {split}, but the configured "
                     f"paths are {expected}: configure the paths it writes"
                 )
-            marker.write_text(json.dumps(spec))
 
     def stream_loader(self, source: StreamingSource) -> DataLoader:
         return DataLoader(

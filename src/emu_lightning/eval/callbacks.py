@@ -10,6 +10,7 @@ With no data files given, a ShapesWorld set in the real on-disk format is writte
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from emu_lightning.data.coco import load_image, read_karpathy
+from emu_lightning.data.owned import write_once
 from emu_lightning.data.vqa import read_vqa
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.distributed import gather_dicts, rank_zero_first
@@ -197,11 +199,12 @@ class CaptioningEval(FewShotEval):
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
         karpathy, image_root, annotations = self.files
         if karpathy is None:
-            n = self.num_queries or 100
-            if not (root / "coco" / "dataset_coco.json").exists():
-                _world(trainer, pl_module).write_coco_karpathy(
-                    root / "coco", {"train": self.shapesworld_support, "test": n}
-                )
+            world, sizes = (
+                _world(trainer, pl_module),
+                {"train": self.shapesworld_support, "test": self.num_queries or 100},
+            )
+            write_once(root / "coco", "coco", {**vars(world), "sizes": sizes},
+                       functools.partial(world.write_coco_karpathy, root / "coco", sizes))  # fmt: skip
             karpathy, image_root, annotations = root / "coco" / "dataset_coco.json", root / "coco", None
         if image_root is None:
             raise ValueError("CaptioningEval: karpathy_json is given but image_root is not")
@@ -256,9 +259,10 @@ class VQAEval(FewShotEval):
         query_files, support_files = self.query_files, self.support_files
         if query_files[0] is None:
             world = _world(trainer, pl_module)
-            num_images = max(1, (self.num_queries or 100) // 6 + 1)
-            val = world.write_vqav2(root / "vqa", "val", num_images)
-            train = world.write_vqav2(root / "vqa", "train", self.shapesworld_support)
+            sizes = {"val": max(1, (self.num_queries or 100) // 6 + 1), "train": self.shapesworld_support}
+            val, train = (write_once(root / "vqa", f"vqa-{split}", {**vars(world), "images": n},
+                                     functools.partial(world.write_vqav2, root / "vqa", split, n))
+                          for split, n in sizes.items())  # fmt: skip
             query_files = (val["questions"], val["annotations"], val["images"], val["image_template"])
             support_files = (train["questions"], train["annotations"], train["images"], train["image_template"])
         if support_files[0] is None:
