@@ -207,6 +207,12 @@ def test_a_source_with_no_usable_document_raises_with_its_reasons(tmp_path, worl
     assert "missing_subtitles: 1" in str(error.value) and "no_frames: 3" in str(error.value)
 
 
+def test_an_empty_index_is_an_error_for_training(tmp_path):
+    (tmp_path / "index.jsonl").write_text("\n")
+    with pytest.raises(DataSourceError, match=r"storyboard index \[.*index.jsonl'\] lists no videos"):
+        StoryboardVideos(tmp_path / "index.jsonl", image_size=32)
+
+
 def test_two_workers_read_the_same_documents_as_one_process(tmp_path, world):
     index = write_shapesworld_storyboard(world, tmp_path, num_videos=6, frames_per_video=2, subtitles="json")
     single = [s["id"] for s in StoryboardVideos(index, image_size=32, lines_per_unit=2, repeat=False)]

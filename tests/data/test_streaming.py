@@ -37,12 +37,14 @@ def test_skips_ride_on_the_next_sample_and_are_counted():
     assert samples[3]["skipped"] == {"broken": 3} and all(s["skipped"] is None for s in samples[4:])
     assert source.skipped == Counter(broken=3)
     assert source.check() == {"ok": 9, "skipped": 3, "reasons": {"broken": 3}}
+    assert source.skip_examples == {"broken": "1/0"}
     batch = {"source": [s["source"] for s in samples], "skipped": [s["skipped"] for s in samples]}
     assert batch_skips(batch) == {"toy": Counter(broken=3)}
 
 
 def test_a_wholly_bad_source_raises_with_its_reasons():
-    with pytest.raises(DataSourceError, match=r"none of the samples in 4 units could be used \(12 skipped; broken: 12"):
+    with pytest.raises(DataSourceError, match=r"none of the samples in 4 units could be used \(12 skipped; broken: 12; "
+                       r"e.g. broken: \d/0\)"):  # fmt: skip
         list(Units(bad=range(4), repeat=False))
 
 

@@ -202,6 +202,16 @@ def test_csv_errors_are_clear(tmp_path):
         WebVidVideos(tmp_path / "other.csv")
 
 
+def test_a_header_only_csv_is_an_error_for_training_and_a_warning_held_out(tmp_path):
+    """It used to drop the source from every batch without a word."""
+    path = tmp_path / "results_train.csv"
+    path.write_text("videoid,contentUrl,duration,page_dir,name\n")
+    with pytest.raises(DataSourceError, match=f"WebVid csv \\['{path}'\\] holds a header but no rows"):
+        WebVidVideos(path, repeat=True)
+    with pytest.warns(UserWarning, match="holds a header but no rows; its held-out pass reads nothing"):
+        assert list(WebVidVideos(path, repeat=False)) == []
+
+
 def test_units_are_row_chunks_and_workers_split_them(webvid):
     def source() -> WebVidVideos:
         return WebVidVideos(webvid, num_frames=4, image_size=32, rows_per_unit=2, repeat=False, seed=3)

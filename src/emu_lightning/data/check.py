@@ -9,8 +9,9 @@
 
 Prints one JSON object: ``ok`` (samples that would be used), ``skipped`` (samples, or for storyboards also
 single frames and subtitle lines and for chat formats also leading assistant turns, that would be dropped) and
-``reasons`` (count per reason), plus the format and paths. Exits 0 when at least one sample is usable, 1
-otherwise (including a source that cannot be opened, with ``error`` in the JSON).
+``reasons`` (count per reason), ``examples`` (the first case of each reason, naming its file and record: a
+shard and sample key, a csv data row, a json entry), plus the format and paths. Exits 0 when at least one
+sample is usable, 1 otherwise (including a source that cannot be opened, with ``error`` in the JSON).
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def check(fmt: str, paths: Sequence[str], args: argparse.Namespace) -> dict[str,
     """``{"format", "paths", "ok", "skipped", "reasons"}`` (and ``error`` when the source cannot be opened)."""
     report: dict[str, Any] = {"format": fmt, "paths": list(paths)}
     try:
-        report.update(open_source(fmt, paths, args).check(limit=args.limit))
+        source = open_source(fmt, paths, args)
+        report.update(source.check(limit=args.limit), examples=source.skip_examples)
     except (OSError, ValueError) as err:
-        report.update(ok=0, skipped=0, reasons={}, error=f"{type(err).__name__}: {err}")
+        report.update(ok=0, skipped=0, reasons={}, examples={}, error=f"{type(err).__name__}: {err}")
     return report
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from emu_lightning.data.modules import EmuDataModule, StreamingDataModule
-from emu_lightning.data.streaming import StreamingSource, distributed_rank
+from emu_lightning.data.streaming import MapStyleSource, ResumeState, StreamingSource, distributed_rank, worker_slot
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
@@ -45,30 +45,6 @@ def check_mixture(
     if sum(weights.values()) <= 0:
         raise ValueError(f"{kind} {dict(weights)} must have a positive total")
     return {name: weights[name] for name in names}
-
-
-class MapStyleSource(StreamingSource):
-    """A map-style Dataset read as a stream: its indices are the units, split across ranks and workers and
-    reshuffled each pass (seeded), so a map-style source mixes with on-disk ones.
-
-    Args:
-        dataset: a map-style Dataset (``__len__`` and ``__getitem__``) of samples (dicts with ``items``, or lists).
-        name: the source's name in sample metadata.
-        shuffle: a new seeded order of this process's indices each pass.
-        repeat: start a new pass when one ends (training); False: one pass.
-        seed: seeds the order.
-    """
-
-    def __init__(self, dataset: Dataset, name: str, shuffle: bool = True, repeat: bool = True, seed: int = 0) -> None:
-        super().__init__(name, shuffle=shuffle, repeat=repeat, seed=seed)
-        self.dataset = dataset
-
-    def units(self) -> list[int]:
-        return list(range(len(self.dataset)))
-
-    def read(self, unit: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-        sample = self.dataset[unit]
-        yield sample if isinstance(sample, dict) else {"items": sample}
 
 
 class MixedStream(IterableDataset):
@@ -100,42 +76,71 @@ class MixedStream(IterableDataset):
         self.weights = {name: weights[name] for name in self.streams}
         self.batched = batch_sizes is not None
         self.seed = seed
+        self.resume_state: ResumeState | None = None
+        """Set before iterating to continue from saved positions (``streaming.ResumeState``)."""
+        self._iterations = 0
 
     def __iter__(self) -> Iterator[dict[str, Any] | list[dict[str, Any]]]:
         rank, _ = distributed_rank()
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
+        self._iterations += 1
+        resume = self.resume_state if self._iterations == 1 else None  # a restarted loader starts new passes
+        slot, workers = worker_slot(resume.offset if resume is not None else 0)
+        position = resume.positions.get(slot) if resume is not None else None
+        for name, stream in self.streams.items():  # this worker's copies of the streams continue where it was
+            mine = (position or {}).get("streams", {}).get(name)
+            first = resume.first_epoch if resume is not None else 0
+            stream.resume_state = None if resume is None else ResumeState({slot: mine} if mine else {}, resume.offset,
+                                                                          first)  # fmt: skip
         iterators = {name: iter(stream) for name, stream in self.streams.items()}
+        last = dict((position or {}).get("streams", {}))
         if self.batched:
-            return self._batches(iterators)
-        return self._samples(iterators, np.random.default_rng([self.seed, rank, worker]))
+            return self._batches(iterators, last, slot, workers)
+        rng = np.random.default_rng([self.seed, rank, slot])
+        if position is not None and position.get("rng") is not None:
+            rng.bit_generator.state = position["rng"]
+        return self._samples(iterators, rng, last, slot, workers)
 
     @staticmethod
-    def _next(iterators: dict[str, Iterator], name: str) -> dict[str, Any] | None:
-        """The next sample of ``name``, or None (and ``name`` dropped) when its single pass has ended."""
+    def _next(iterators: dict[str, Iterator], name: str, last: dict[str, Any]) -> dict[str, Any] | None:
+        """The next sample of ``name`` (its stream's position moved to ``last``), or None (and ``name`` dropped) when
+        its single pass has ended."""
         try:
-            return next(iterators[name])
+            sample = next(iterators[name])
         except StopIteration:
             del iterators[name]
             return None
+        if "position" in sample:
+            sample = dict(sample)
+            last[name] = sample.pop("position")
+        return sample
 
-    def _samples(self, iterators: dict[str, Iterator], rng: np.random.Generator) -> Iterator[dict]:
+    def _position(self, last: dict[str, Any], slot: int, workers: int, rng: np.random.Generator | None) -> dict:
+        return {"streams": dict(last), "rng": None if rng is None else rng.bit_generator.state, "slot": slot,
+                "workers": workers}  # fmt: skip
+
+    def _samples(self, iterators: dict[str, Iterator], rng: np.random.Generator, last: dict[str, Any], slot: int,
+                 workers: int) -> Iterator[dict]:  # fmt: skip
         while iterators:
             names = list(iterators)
             p = np.array([self.weights[name] for name in names], dtype=float)
-            sample = self._next(iterators, names[rng.choice(len(names), p=p / p.sum())])
+            sample = self._next(iterators, names[rng.choice(len(names), p=p / p.sum())], last)
             if sample is not None:
+                if last:
+                    sample["position"] = self._position(last, slot, workers, rng)
                 yield sample
 
-    def _batches(self, iterators: dict[str, Iterator]) -> Iterator[list[dict]]:
+    def _batches(self, iterators: dict[str, Iterator], last: dict[str, Any], slot: int, workers: int
+                 ) -> Iterator[list[dict]]:  # fmt: skip
         while iterators:
             batch = []
             for name, size in self.weights.items():
                 for _ in range(int(size)):
-                    sample = self._next(iterators, name) if name in iterators else None
+                    sample = self._next(iterators, name, last) if name in iterators else None
                     if sample is not None:
                         batch.append(sample)
             if batch:
+                if last:  # the position after the whole batch rides on its last sample
+                    batch[-1]["position"] = self._position(last, slot, workers, None)
                 yield batch
 
 
@@ -230,7 +235,7 @@ class MixtureDataModule(EmuDataModule):
             seed=self.seed,
         )
         return DataLoader(
-            mixed,
+            self.resume(mixed),
             batch_size=None if self.batch_sizes is not None else self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

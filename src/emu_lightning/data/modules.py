@@ -7,12 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from emu_lightning.data.owned import write_once
-from emu_lightning.data.streaming import StreamingSource, expand_urls
+from emu_lightning.data.streaming import (
+    MapStyleSource,
+    ResumeState,
+    StreamingSource,
+    distributed_rank,
+    expand_urls,
+    latest_epoch,
+)
 from emu_lightning.data.world import ShapesWorld
+from emu_lightning.distributed import gather_objects
 from emu_lightning.sequence import END_OF_CHUNK, SequenceBuilder
 
 
@@ -96,11 +104,74 @@ class ShapesWorldPairs(Dataset):
 
 
 class EmuDataModule(L.LightningDataModule):
-    """Shared plumbing: the SequenceBuilder comes from the model being trained unless one is given."""
+    """Shared plumbing: the SequenceBuilder comes from the model being trained unless one is given, and the training
+    stream's position travels in checkpoints.
+
+    Every training loader is a stream (:class:`~emu_lightning.data.streaming.StreamingSource` or a mixture of them)
+    whose samples carry their position. :meth:`on_before_batch_transfer` keeps the position of the last batch training
+    consumed from each DataLoader worker; :meth:`state_dict` saves them (every rank's, under DDP) in the checkpoint,
+    and after :meth:`load_state_dict` the next training loader continues from them: ``N`` steps, a checkpoint and a
+    resume to ``2N`` see the batches of ``2N`` steps straight. With another number of processes or workers than saved,
+    the streams start new passes instead (a warning says so).
+    """
 
     def __init__(self, batch_size: int, num_workers: int, sequencer: SequenceBuilder | None) -> None:
         super().__init__()
         self.batch_size, self.num_workers, self.sequencer = batch_size, num_workers, sequencer
+        self._positions: dict[int, dict[str, Any]] = {}  # worker slot -> position after its last consumed batch
+        self._next_slot = 0  # the worker slot whose batch is due next
+        self._saved: dict[str, Any] | None = None  # positions loaded from a checkpoint, for the next training loader
+
+    # ------------------------------------------------------------------ the training stream's position
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "position" in batch:
+            positions = [p for p in batch.pop("position") or [] if p is not None]
+            if positions and self.trainer is not None and self.trainer.training:
+                position = positions[-1]
+                self._positions[position["slot"]] = position
+                self._next_slot = (position["slot"] + 1) % position["workers"]
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        # Called on every rank while a checkpoint is saved, so the gather (a collective under DDP) is matched.
+        mine = {"positions": dict(self._positions), "next_slot": self._next_slot, "workers": max(1, self.num_workers)}
+        ranks = gather_objects(mine if self._positions else None)
+        return {"data_positions": ranks} if any(r is not None for r in ranks) else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = state_dict.get("data_positions")
+
+    def resume(self, stream: Any) -> Any:
+        """Set ``stream`` (a training stream) to continue from the positions loaded from a checkpoint, if any."""
+        self._positions, self._next_slot = {}, 0
+        if not self._saved:
+            return stream
+        rank, world = distributed_rank()
+        workers = max(1, self.num_workers)
+        mine = self._saved[rank] if len(self._saved) == world else None
+        if mine is not None and mine["workers"] == workers:
+            stream.resume_state = ResumeState({int(k): v for k, v in mine["positions"].items()}, mine["next_slot"])
+            self._positions, self._next_slot = dict(stream.resume_state.positions), mine["next_slot"]
+            return stream
+        first = 1 + max(latest_epoch(r) for r in self._saved if r is not None)
+        saved_workers = next(r["workers"] for r in self._saved if r is not None)
+        rank_zero_warn(
+            f"the checkpoint's data position was saved by {len(self._saved)} process(es) x {saved_workers} DataLoader "
+            f"worker(s), this run has {world} x {workers}: the training streams cannot continue it and start new "
+            f"passes (from pass {first}) instead, which do not replay the saved passes' order"
+        )
+        stream.resume_state = ResumeState({}, 0, first)
+        return stream
+
+    def stream_loader(self, source: IterableDataset) -> DataLoader:
+        """A loader over a stream, which splits its units across ranks and workers itself (no sampler)."""
+        return DataLoader(
+            source,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.resolve_sequencer(),
+        )
 
     def resolve_sequencer(self) -> SequenceBuilder:
         if self.sequencer is None:
@@ -121,16 +192,14 @@ class EmuDataModule(L.LightningDataModule):
                 f"data image_size {image_size} does not match the vision backbone's image_size {vision.image_size}"
             )
 
-    def loader(self, dataset: Dataset, shuffle: bool, seed: int = 0) -> DataLoader:
+    def heldout_loader(self, dataset: Dataset) -> DataLoader:
+        """A loader over a map-style held-out set, in order (Lightning splits it across ranks under DDP)."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.resolve_sequencer(),
-            generator=torch.Generator().manual_seed(seed) if shuffle else None,
         )
 
 
@@ -190,10 +259,11 @@ class ShapesWorldDataModule(EmuDataModule):
         self.check_image_size(self.world.image_size)
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, shuffle=True, seed=self.seed)
+        # a seeded stream over the scenes (a new order each pass), which resumes where a checkpoint left it
+        return self.stream_loader(self.resume(MapStyleSource(self.train_set, "shapes", seed=self.seed)))
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.val_set, shuffle=False)
+        return self.heldout_loader(self.val_set)
 
 
 class StreamingDataModule(EmuDataModule):
@@ -267,17 +337,8 @@ class StreamingDataModule(EmuDataModule):
                     f"paths are {expected}: configure the paths it writes"
                 )
 
-    def stream_loader(self, source: StreamingSource) -> DataLoader:
-        return DataLoader(
-            source,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.resolve_sequencer(),
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self.stream_loader(self.train_source())
+        return self.stream_loader(self.resume(self.train_source()))
 
     def val_dataloader(self) -> DataLoader | list:
         source = self.val_source()

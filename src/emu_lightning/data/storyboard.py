@@ -46,7 +46,7 @@ from PIL import Image
 
 from emu_lightning.data.modules import StreamingDataModule
 from emu_lightning.data.pairs import decode_image
-from emu_lightning.data.streaming import Skip, StreamingSource
+from emu_lightning.data.streaming import Skip, StreamingSource, empty_source
 from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
@@ -260,6 +260,8 @@ class StoryboardVideos(StreamingSource):
         self.root = Path(root) if root is not None else None
         self.image_size, self.max_frames = image_size, max_frames
         self.chunks = [chunk for path in paths for chunk in index_jsonl(path, lines_per_unit)]
+        if not self.chunks:
+            empty_source(self, f"storyboard index {[str(p) for p in paths]} lists no videos")
 
     def units(self) -> list[IndexChunk]:
         return self.chunks

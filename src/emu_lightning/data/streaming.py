@@ -14,6 +14,13 @@ the units that yields nothing raises :class:`DataSourceError` when the source as
 happen to be all bad warns and, when training, reads every unit instead of stalling. Skips after the last
 usable sample of a one-pass read reach :attr:`StreamingSource.skipped` and :meth:`StreamingSource.check`, but
 no batch.
+
+Training streams can resume where they stopped. Each sample of a repeating stream carries its stream's
+``position`` after it (the pass, the place in that pass's unit order, and the records read of the current unit), and
+the DataModule keeps the position of the last batch training consumed from each DataLoader worker
+(:class:`ResumeState`) and saves it in the checkpoint. On resume every stream starts a new iterator at its saved
+position: it opens the unit it was in and passes over the records it had already read there, never the units or
+passes before, and workers take over the saved ones' roles so that batches come in the same order.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import braceexpand
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 T = TypeVar("T")
 
@@ -51,6 +59,43 @@ def distributed_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_slot(offset: int = 0) -> tuple[int, int]:
+    """``(slot, num_workers)`` of this process's DataLoader worker (``(0, 1)`` without workers). The slot is the worker
+    id shifted by ``offset``: a resumed loader's worker 0 takes over the role (units, seeds, position) of the worker
+    whose batch was due next when the checkpoint was saved, so batches come in the same order as without the break."""
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    return (info.id + offset) % info.num_workers, info.num_workers
+
+
+@dataclass
+class ResumeState:
+    """Where each worker of a resumed DataLoader starts: ``positions`` by slot (as the samples carried them),
+    ``offset`` (see :func:`worker_slot`), and ``first_epoch``, the pass numbers that streams without a position start
+    from (past every saved pass, so a restart without positions reads new orders rather than replaying old ones)."""
+
+    positions: dict[int, dict[str, Any]]
+    offset: int = 0
+    first_epoch: int = 0
+
+
+def latest_epoch(position: Any) -> int:
+    """The highest pass number (``epoch``) in a saved position (nested for a mixture); -1 when there is none."""
+    if isinstance(position, dict):
+        own = position.get("epoch") if isinstance(position.get("epoch"), int) else -1
+        return max([own, *(latest_epoch(v) for v in position.values())])
+    return -1
+
+
+def empty_source(source: StreamingSource, what: str) -> None:
+    """A source with nothing to read: an error for training (it would vanish from every batch without a word), a
+    warning for a one-pass (held-out) read."""
+    if source.repeat:
+        raise DataSourceError(f"source {source.name!r}: {what}; a training source must have samples to mix in")
+    warnings.warn(f"source {source.name!r}: {what}; its held-out pass reads nothing", stacklevel=3)
 
 
 def split_units(units: Sequence[Any], rank: int, world_size: int, worker: int, num_workers: int) -> list[Any]:
@@ -128,6 +173,10 @@ class StreamingSource(IterableDataset):
         self.skipped: Counter = Counter()
         """Skips counted in this process (all of them with ``num_workers=0``; each worker keeps its own)."""
         self._iterations = 0
+        self.resume_state: ResumeState | None = None
+        """Set before iterating to continue from saved positions (see the module docstring)."""
+        self.skip_examples: dict[str, str] = {}
+        """The first skip of each reason, naming its file and record (``shard.tar:000123: ...``)."""
 
     # ------------------------------------------------------------------ subclass interface
     def units(self) -> list[Any]:
@@ -144,12 +193,24 @@ class StreamingSource(IterableDataset):
         split by rank (with ``split_by_node``), then by DataLoader worker."""
         everything = list(enumerate(self.units())) if everything is None else everything
         rank, world = distributed_rank() if self.split_by_node else (0, 1)
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = worker_slot(self.resume_state.offset if self.resume_state else 0)
         return split_units(everything, rank, world, worker, workers)
+
+    def start(self) -> tuple[int, dict[str, Any] | None]:
+        """The first pass number of a new iteration and, when resuming, this worker's saved position."""
+        self._iterations += 1  # a new iteration (a restarted loader) continues with new passes, not a replay
+        resume = self.resume_state
+        base = resume.first_epoch if resume is not None else 0
+        position = None
+        if resume is not None and self._iterations == 1:
+            slot, _ = worker_slot(resume.offset)
+            position = resume.positions.get(slot)
+        return base + (self._iterations - 1) * 1_000_003, position
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         everything = list(enumerate(self.units()))
+        if not everything and self.repeat:  # an empty training source would silently vanish from every batch
+            raise DataSourceError(f"source {self.name!r} has nothing to read: it lists no units (no files or rows)")
         units = self.my_units(everything)
         if not units:
             if self.repeat and everything:  # a training process with nothing to read would stall the others
@@ -158,33 +219,44 @@ class StreamingSource(IterableDataset):
                     f"{len(everything)} units for more ranks x workers; use fewer workers or more shards"
                 )
             return
+        epoch, position = self.start()
+        first, read_before, every = 0, 0, False
+        if position is not None:  # resume after the last sample this worker yielded before the checkpoint
+            epoch, first, read_before, every = position["epoch"], position["k"], position["read"], position["all"]
+            units = everything if every else units
+        slot, workers = worker_slot(self.resume_state.offset if self.resume_state else 0)
         pending: Counter = Counter()
-        self._iterations += 1  # a new iteration (a restarted loader) continues with new passes, not a replay
-        epoch = (self._iterations - 1) * 1_000_003
         while True:
             order = list(range(len(units)))
             if self.shuffle:
                 np.random.default_rng([self.seed, epoch]).shuffle(order)
-            used = 0
-            for k in order:
-                index, unit = units[k]
+            used, whole_pass = 0, first == 0 and read_before == 0
+            for k in range(first, len(order)):
+                index, unit = units[order[k]]
                 rng = np.random.default_rng([self.seed, epoch, index, 1])
+                read, skip = 0, read_before
                 for sample in self.read(unit, rng):
+                    read += 1
+                    if read <= skip:  # read before the checkpoint: already trained on (or skipped and counted)
+                        continue
                     if isinstance(sample, Skip):
                         pending[sample.reason] += 1
                         self.skipped[sample.reason] += 1
+                        self.note_skip(unit, sample)
                         continue
                     sample = {**sample, "source": self.name, "skipped": dict(pending) if pending else None}
+                    if self.repeat:
+                        sample["position"] = {"epoch": epoch, "k": k, "read": read, "all": every, "slot": slot,
+                                              "workers": workers}  # fmt: skip
                     pending.clear()
                     used += 1
                     yield sample
-            if used == 0:
+                read_before = 0
+            first = 0
+            if used == 0 and whole_pass:
                 if len(units) == len(everything) or not self._any_usable(everything, units):
-                    reasons = ", ".join(f"{r}: {n}" for r, n in self.skipped.most_common())
-                    raise DataSourceError(
-                        f"source {self.name!r}: none of the samples in {len(everything)} units could be used "
-                        + (f"({sum(self.skipped.values())} skipped; {reasons})" if reasons else "(they hold none)")
-                    )
+                    raise DataSourceError(f"source {self.name!r}: none of the samples in {len(everything)} units "
+                                          f"could be used {self.skip_summary()}")  # fmt: skip
                 if not self.repeat:
                     return
                 # This process drew only bad units, but the source has good ones: read all of them rather than
@@ -194,10 +266,30 @@ class StreamingSource(IterableDataset):
                     "sample; it reads all units from now on",
                     stacklevel=2,
                 )
-                units = everything
+                units, every = everything, True
             if not self.repeat:
                 return
             epoch += 1
+
+    def describe(self, unit: Any) -> str:
+        """How messages name a unit: its file."""
+        return str(getattr(unit, "path", unit))
+
+    def note_skip(self, unit: Any, skip: Skip) -> None:
+        """Keep the first skip of each reason as an example that names the unit's file and the record."""
+        if skip.reason in self.skip_examples:
+            return
+        name = self.describe(unit)
+        named = name in skip.detail or Path(name).name in skip.detail
+        self.skip_examples[skip.reason] = skip.detail if named else f"{name}: {skip.detail}".rstrip(": ")
+
+    def skip_summary(self) -> str:
+        """``(n skipped; reason: n, ...; e.g. reason: example, ...)`` or ``(they hold none)``."""
+        if not self.skipped:
+            return "(they hold none)"
+        reasons = ", ".join(f"{r}: {n}" for r, n in self.skipped.most_common())
+        examples = "; ".join(f"{r}: {e}" for r, e in self.skip_examples.items())
+        return f"({sum(self.skipped.values())} skipped; {reasons}; e.g. {examples})"
 
     def _any_usable(self, everything: list[tuple[int, Any]], tried: list[tuple[int, Any]]) -> bool:
         """Whether any unit outside ``tried`` yields a usable sample (read until the first one)."""
@@ -209,16 +301,46 @@ class StreamingSource(IterableDataset):
 
     def check(self, limit: int | None = None) -> dict[str, Any]:
         """Read the source once as training would (all units, this process alone) and report
-        ``{"ok": samples usable, "skipped": samples skipped, "reasons": {reason: n}}``."""
+        ``{"ok": samples usable, "skipped": samples skipped, "reasons": {reason: n}}``; :attr:`skip_examples` then
+        holds the first skip of each reason, naming its file and record."""
         ok = skipped = 0
         reasons: Counter = Counter()
+        self.skip_examples = {}
         for k, unit in enumerate(self.units()):
             for sample in self.read(unit, np.random.default_rng([self.seed, 0, k, 1])):
                 if isinstance(sample, Skip):
                     skipped += 1
                     reasons[sample.reason] += 1
+                    self.note_skip(unit, sample)
                 else:
                     ok += 1
                 if limit is not None and ok + skipped >= limit:
-                    return {"ok": ok, "skipped": skipped, "reasons": dict(reasons)}
+                    break
+            else:
+                continue
+            break
         return {"ok": ok, "skipped": skipped, "reasons": dict(reasons)}
+
+
+class MapStyleSource(StreamingSource):
+    """A map-style Dataset read as a stream: its indices are the units, split across ranks and workers and
+    reshuffled each pass (seeded), so a map-style source mixes with on-disk ones.
+
+    Args:
+        dataset: a map-style Dataset (``__len__`` and ``__getitem__``) of samples (dicts with ``items``, or lists).
+        name: the source's name in sample metadata.
+        shuffle: a new seeded order of this process's indices each pass.
+        repeat: start a new pass when one ends (training); False: one pass.
+        seed: seeds the order.
+    """
+
+    def __init__(self, dataset: Dataset, name: str, shuffle: bool = True, repeat: bool = True, seed: int = 0) -> None:
+        super().__init__(name, shuffle=shuffle, repeat=repeat, seed=seed)
+        self.dataset = dataset
+
+    def units(self) -> list[int]:
+        return list(range(len(self.dataset)))
+
+    def read(self, unit: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+        sample = self.dataset[unit]
+        yield sample if isinstance(sample, dict) else {"items": sample}

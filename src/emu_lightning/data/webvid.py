@@ -33,7 +33,7 @@ from torch import Tensor
 
 from emu_lightning.data.modules import StreamingDataModule
 from emu_lightning.data.pairs import fit_shorter_side
-from emu_lightning.data.streaming import Skip, StreamingSource
+from emu_lightning.data.streaming import Skip, StreamingSource, empty_source
 from emu_lightning.data.world import BACKGROUND, ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
@@ -290,6 +290,8 @@ class WebVidVideos(StreamingSource):
         self.num_frames, self.image_size, self.train = num_frames, image_size, train
         self.video_first_prob = video_first_prob
         self.chunks = [chunk for path in paths for chunk in index_csv(path, rows_per_unit)]
+        if not self.chunks:
+            empty_source(self, f"WebVid csv {[str(p) for p in paths]} holds a header but no rows")
 
     def units(self) -> list[CsvChunk]:
         return self.chunks
