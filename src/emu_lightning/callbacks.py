@@ -82,7 +82,7 @@ class FinalCheckpoint(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         target = self.target(trainer)
-        trainer.save_checkpoint(target)
+        trainer.save_checkpoint(target, weights_only=False)
         if trainer.is_global_zero:
             owner = {"run_id": self.run_id, "step": trainer.global_step, "size": target.stat().st_size,
                      "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
@@ -154,7 +154,7 @@ class PreemptionCheckpoint(Callback):
             path = Path(self.path)
             if not path.is_absolute():
                 path = Path(trainer.log_dir or trainer.default_root_dir) / path
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         self.saved = path
         self._restore()
         rank_zero_info(f"SIGTERM: saved a resumable checkpoint at step {trainer.global_step}: {path}")
