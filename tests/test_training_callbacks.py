@@ -98,7 +98,8 @@ def _preempt(tmp_path: Path, extra: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, process.returncode, out, err)
 
 
-@pytest.mark.parametrize("devices", [1, 2], ids=["1-process", "2-process-ddp"])
+# Two processes (the ranks agree on the step to stop at) take ~40 s more: `make test-slow`.
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)], ids=["1-process", "2-process-ddp"])
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path, devices):
     (tmp_path / "steps.py").write_text(STEPS)
     (tmp_path / "overlay.yaml").write_text(OVERLAY)
