@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 
 from emu_lightning.data.owned import write_once
 from emu_lightning.data.streaming import (
@@ -163,10 +163,11 @@ class EmuDataModule(L.LightningDataModule):
         stream.resume_state = ResumeState({}, 0, first)
         return stream
 
-    def stream_loader(self, source: IterableDataset) -> DataLoader:
-        """A loader over a stream, which splits its units across ranks and workers itself (no sampler)."""
+    def loader(self, dataset: Dataset) -> DataLoader:
+        """A loader in the dataset's order: a stream splits its units across ranks and workers itself; a map-style
+        held-out set is split across ranks by Lightning's sampler."""
         return DataLoader(
-            source,
+            dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -192,15 +193,6 @@ class EmuDataModule(L.LightningDataModule):
                 f"data image_size {image_size} does not match the vision backbone's image_size {vision.image_size}"
             )
 
-    def heldout_loader(self, dataset: Dataset) -> DataLoader:
-        """A loader over a map-style held-out set, in order (Lightning splits it across ranks under DDP)."""
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.resolve_sequencer(),
-        )
 
 
 class ShapesWorldDataModule(EmuDataModule):
@@ -260,10 +252,10 @@ class ShapesWorldDataModule(EmuDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # a seeded stream over the scenes (a new order each pass), which resumes where a checkpoint left it
-        return self.stream_loader(self.resume(MapStyleSource(self.train_set, "shapes", seed=self.seed)))
+        return self.loader(self.resume(MapStyleSource(self.train_set, "shapes", seed=self.seed)))
 
     def val_dataloader(self) -> DataLoader:
-        return self.heldout_loader(self.val_set)
+        return self.loader(self.val_set)
 
 
 class StreamingDataModule(EmuDataModule):
@@ -338,8 +330,8 @@ class StreamingDataModule(EmuDataModule):
                 )
 
     def train_dataloader(self) -> DataLoader:
-        return self.stream_loader(self.resume(self.train_source()))
+        return self.loader(self.resume(self.train_source()))
 
     def val_dataloader(self) -> DataLoader | list:
         source = self.val_source()
-        return [] if source is None else self.stream_loader(source)
+        return [] if source is None else self.loader(source)
