@@ -86,13 +86,11 @@ class MixedStream(IterableDataset):
         resume = self.resume_state if self._iterations == 1 else None  # a restarted loader starts new passes
         slot, workers = worker_slot(resume.offset if resume is not None else 0)
         position = resume.positions.get(slot) if resume is not None else None
+        last = dict((position or {}).get("streams", {}))  # each stream's position after the last sample drawn
         for name, stream in self.streams.items():  # this worker's copies of the streams continue where it was
-            mine = (position or {}).get("streams", {}).get(name)
-            first = resume.first_epoch if resume is not None else 0
-            stream.resume_state = None if resume is None else ResumeState({slot: mine} if mine else {}, resume.offset,
-                                                                          first)  # fmt: skip
+            saved = {slot: last[name]} if name in last else {}
+            stream.resume_state = None if resume is None else ResumeState(saved, resume.offset, resume.first_epoch)
         iterators = {name: iter(stream) for name, stream in self.streams.items()}
-        last = dict((position or {}).get("streams", {}))
         if self.batched:
             return self._batches(iterators, last, slot, workers)
         rng = np.random.default_rng([self.seed, rank, slot])

@@ -194,7 +194,6 @@ class EmuDataModule(L.LightningDataModule):
             )
 
 
-
 class ShapesWorldDataModule(EmuDataModule):
     """ShapesWorld image-text pairs: procedurally generated, seeded, with a held-out split from other seeds.
 

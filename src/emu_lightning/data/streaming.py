@@ -315,10 +315,7 @@ class StreamingSource(IterableDataset):
                 else:
                     ok += 1
                 if limit is not None and ok + skipped >= limit:
-                    break
-            else:
-                continue
-            break
+                    return {"ok": ok, "skipped": skipped, "reasons": dict(reasons)}
         return {"ok": ok, "skipped": skipped, "reasons": dict(reasons)}
 
 
