@@ -6,7 +6,7 @@
 Method (one process, fp32, ``torch.set_num_threads`` = the usable cores):
 
 1. Model: a LLaMA-shaped ``HFCausalLM`` of about 50M parameters, a 4-block ViT on 64 px images and a
-   CausalTransformer resampler (Q = 32) into the LLM's width, with the default ShapesWorld BPE.
+   PreNormCausalTransformer resampler (Q = 32) into the LLM's width, with the default ShapesWorld BPE.
 2. Data: real interleaved sequences from :class:`~emu_lightning.sequence.SequenceBuilder`. Each sample
    chains ShapesWorld image-caption pairs while they fit, then a run of further captions that the
    builder truncates, so every sequence holds exactly ``seq_len`` tokens and no padding. Only non-pad
@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from emu_lightning.components.llm import HFCausalLM
-from emu_lightning.components.resampler import CausalTransformer
+from emu_lightning.components.resampler import PreNormCausalTransformer
 from emu_lightning.components.vision import TimmVisionBackbone
 from emu_lightning.data.modules import ShapesWorldPairs
 from emu_lightning.data.world import ShapesWorld
@@ -161,7 +161,7 @@ def build_model(cfg: Config, optimizer: str, lr: float = 1e-4, lora: Any = None,
             "num_heads": cfg.vit_heads,
         },
     )
-    resampler = CausalTransformer(
+    resampler = PreNormCausalTransformer(
         in_dim=vision.out_dim,
         out_dim=cfg.hidden,
         num_queries=cfg.queries,

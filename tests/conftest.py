@@ -7,7 +7,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from emu_lightning.components.llm import HFCausalLM  # noqa: E402
-from emu_lightning.components.resampler import CausalTransformer  # noqa: E402
+from emu_lightning.components.resampler import PreNormCausalTransformer  # noqa: E402
 from emu_lightning.components.vision import TimmVisionBackbone  # noqa: E402
 from emu_lightning.model import EmuModel  # noqa: E402
 from emu_lightning.tokenizer import load_tokenizer  # noqa: E402
@@ -33,7 +33,7 @@ def make_model(num_queries: int = 4, max_length: int = 64, lora=None, **kwargs) 
     vision = TimmVisionBackbone(
         "vit_base_patch16_224", image_size=16, model_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
     )
-    resampler = CausalTransformer(in_dim=32, out_dim=32, num_queries=num_queries, width=32, depth=1, num_heads=2)
+    resampler = PreNormCausalTransformer(in_dim=32, out_dim=32, num_queries=num_queries, width=32, depth=1, num_heads=2)
     llm = HFCausalLM(config=TINY_LLM, lora=lora)
     return EmuModel(vision, resampler, llm, max_length=max_length, **kwargs)
 

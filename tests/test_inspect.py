@@ -31,6 +31,10 @@ def test_emu_14b_through_the_command_line():
     print(f"emu-14b total_params: {total:,}")
     assert 13.5e9 <= total <= 14.5e9
     assert set(report["components"]) == {"vision", "resampler", "llm"}
+    # the released model's counts: EVA-CLIP g/14 without its head, and the T5 Causal Transformer without T5's
+    # unused token embedding
+    assert report["components"]["vision"]["total"] == 1_011_146_112
+    assert report["components"]["resampler"]["total"] == 129_033_344
     assert sum(c["total"] for c in report["components"].values()) == total
     assert report["trainable_params"] == total  # nothing frozen in this config
     memory = report["memory"]
@@ -75,7 +79,7 @@ def test_ablation_stack_swaps_the_resampler(capsys):
     assert (first, json.loads(out[end:])) == (tiny, stacked)
     resampler = stacked["components"]["resampler"]
     assert resampler["class"] == "emu_lightning.components.resampler.PerceiverResampler"
-    assert tiny["components"]["resampler"]["class"] == "emu_lightning.components.resampler.CausalTransformer"
+    assert tiny["components"]["resampler"]["class"] == "emu_lightning.components.resampler.PreNormCausalTransformer"
     assert resampler["total"] != tiny["components"]["resampler"]["total"]
     for name in ("vision", "llm"):  # the rest of tiny.yaml is untouched
         assert stacked["components"][name] == tiny["components"][name]

@@ -1,7 +1,17 @@
+import math
+
 import pytest
 import torch
+from transformers import T5Config
+from transformers.models.t5.modeling_t5 import T5Stack
 
-from emu_lightning.components.resampler import CausalTransformer, MLPProjector, PerceiverResampler, PooledProjector
+from emu_lightning.components.resampler import (
+    CausalTransformer,
+    MLPProjector,
+    PerceiverResampler,
+    PooledProjector,
+    PreNormCausalTransformer,
+)
 
 
 def feats(n=17, d=24, b=3):
@@ -11,7 +21,8 @@ def feats(n=17, d=24, b=3):
 @pytest.mark.parametrize(
     "make, q",
     [
-        (lambda: CausalTransformer(24, 40, num_queries=6, width=32, depth=2, num_heads=4), 6),
+        (lambda: CausalTransformer(24, 40, num_queries=6, width=32, depth=2, num_heads=4, output_norm=True), 6),
+        (lambda: PreNormCausalTransformer(24, 40, num_queries=6, width=32, depth=2, num_heads=4), 6),
         (lambda: PerceiverResampler(24, 40, num_queries=5, width=32, depth=2, num_heads=4), 5),
         (lambda: MLPProjector(24, 40, num_tokens=17), 17),
         (lambda: MLPProjector(24, 40, num_tokens=17, num_prefix_tokens=1), 16),
@@ -27,16 +38,101 @@ def test_shapes_and_fixed_output_scale(make, q):
     assert torch.allclose(out.var(-1, unbiased=False), torch.ones(3, q), atol=1e-3)
 
 
-def test_causal_transformer_queries_are_causal():
-    r = CausalTransformer(24, 40, num_queries=6, width=32, depth=2, num_heads=4, output_norm=False).eval()
+@pytest.mark.parametrize("cls", [CausalTransformer, PreNormCausalTransformer])
+def test_causal_transformer_queries_are_causal(cls):
+    r = cls(24, 40, num_queries=6, width=32, depth=2, num_heads=4, output_norm=False).eval()
     assert r.queries.std().item() == pytest.approx(0.02, rel=0.3)  # N(0, 0.02) init, as in the paper
     x = feats()
     base = r(x)
     # Perturbing the learned query 3 changes outputs 3.. only: query i sees queries <= i.
     with torch.no_grad():
-        r.queries[3] += 1.0
+        r.queries.view(6, 32)[3] += 1.0
     moved = (r(x) - base).abs().amax(dim=(0, 2))
     assert torch.all(moved[:3] == 0) and torch.all(moved[3:] > 0)
+
+
+def _t5_decoder(width, depth, heads, ffn):
+    config = T5Config(vocab_size=8, d_model=width, d_kv=width // heads, d_ff=ffn, num_layers=depth, num_heads=heads,
+                      dropout_rate=0.1, feed_forward_proj="relu", is_decoder=True, is_encoder_decoder=False,
+                      use_cache=False)  # fmt: skip
+    config._attn_implementation = "eager"
+    return T5Stack(config)
+
+
+def test_causal_transformer_is_transformers_t5_decoder_stack():
+    """With visual tokens as wide as the decoder, the released network is transformers' T5 decoder unchanged:
+    outputs equal on the same weights, in eval mode and in train mode (dropout) with the same random stream."""
+    torch.manual_seed(0)
+    r = CausalTransformer(32, 40, num_queries=5, width=32, depth=2, num_heads=4, ffn_dim=64)
+    reference = _t5_decoder(32, 2, 4, 64)
+    missing, unexpected = reference.load_state_dict(r.stack.state_dict(), strict=False)
+    assert missing == ["embed_tokens.weight"] and unexpected == []  # T5's token embedding is not built here
+    x = feats(d=32)
+    for train in (False, True):
+        r.train(train), reference.train(train)
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            ours = r(x)
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            hidden = reference(inputs_embeds=r.queries.expand(3, -1, -1), encoder_hidden_states=x).last_hidden_state
+            theirs = r.projection(hidden)
+        assert (ours - theirs).abs().max().item() <= 1e-5, train
+
+
+def _released_forward(r: CausalTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The released Causal Transformer's eval forward written out from its T5 code: RMS norms, unscaled attention
+    with a relative position bias from layer 0 (unidirectional buckets) shared by every layer, causal self-attention,
+    cross-attention with keys and values projected from the visual tokens' own width, ReLU feed-forward."""
+    stack, heads = r.stack, r.stack.config.num_heads
+
+    def rms(h, norm):
+        return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def split(h):
+        return h.view(h.shape[0], h.shape[1], heads, -1).transpose(1, 2)
+
+    def attention(attn, h, context, bias):
+        scores = split(attn.q(h)) @ split(attn.k(context)).transpose(-1, -2) + bias  # no 1/sqrt(d) scaling
+        out = torch.softmax(scores, -1) @ split(attn.v(context))
+        return attn.o(out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
+
+    q = r.queries.expand(x.shape[0], -1, -1)
+    n = q.shape[1]
+    relative = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+    distance = -torch.clamp(relative, max=0)  # unidirectional: only the past
+    exact, buckets = 16, 32
+    large = (
+        exact + (torch.log(distance.float().clamp(min=1) / exact) / math.log(128 / exact) * (buckets - exact)).long()
+    )
+    bucket = torch.where(distance < exact, distance, large.clamp(max=buckets - 1))
+    bias = stack.block[0].layer[0].SelfAttention.relative_attention_bias(bucket).permute(2, 0, 1)[None]
+    bias = bias + torch.triu(torch.full((n, n), float("-inf")), 1)  # causal
+    h = q
+    for block in stack.block:
+        self_attn, cross, ff = block.layer
+        h = h + attention(self_attn.SelfAttention, rms(h, self_attn.layer_norm), rms(h, self_attn.layer_norm), bias)
+        h = h + attention(cross.EncDecAttention, rms(h, cross.layer_norm), x, 0.0)
+        h = h + ff.DenseReluDense.wo(torch.relu(ff.DenseReluDense.wi(rms(h, ff.layer_norm))))
+    return r.projection(rms(h, stack.final_layer_norm))
+
+
+def test_causal_transformer_equals_the_released_network_with_wide_visual_tokens():
+    """Visual tokens wider than the decoder (1408 against 768 in the paper; 48 against 32 here): each layer's
+    cross-attention projects them with its own keys and values."""
+    torch.manual_seed(0)
+    r = CausalTransformer(48, 40, num_queries=40, width=32, depth=2, num_heads=4, ffn_dim=64).eval()
+    assert r.stack.block[1].layer[1].EncDecAttention.k.weight.shape == (32, 48)
+    with torch.no_grad():  # a trained-looking position bias, so that every bucket (up to 40 apart) matters
+        r.stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.normal_()
+        x = feats(d=48)
+        assert (r(x) - _released_forward(r, x)).abs().max().item() <= 1e-5
+
+
+def test_causal_transformer_at_the_papers_sizes_has_the_released_parameter_count():
+    with torch.device("meta"):
+        r = CausalTransformer(1408, 5120)
+    assert sum(p.numel() for p in r.parameters()) == 129_033_344
 
 
 def test_pooled_projector_averages_patches():

@@ -3,11 +3,18 @@
 from emu_lightning.components.base import LanguageModel, LMOutput, Resampler, VisionBackbone, VisualDecoder
 from emu_lightning.components.decoder import DiffusionDecoder
 from emu_lightning.components.llm import HFCausalLM, LoRA
-from emu_lightning.components.resampler import CausalTransformer, MLPProjector, PerceiverResampler, PooledProjector
+from emu_lightning.components.resampler import (
+    CausalTransformer,
+    MLPProjector,
+    PerceiverResampler,
+    PooledProjector,
+    PreNormCausalTransformer,
+)
 from emu_lightning.components.vision import TimmVisionBackbone
 
 __all__ = [
     "CausalTransformer",
+    "PreNormCausalTransformer",
     "DiffusionDecoder",
     "HFCausalLM",
     "LMOutput",

@@ -1,13 +1,18 @@
 """Resamplers: visual tokens ``(B, N, in_dim)`` to ``num_queries`` embeddings ``(B, Q, out_dim)``.
 
-- :class:`CausalTransformer`, Emu's: learned queries with causal self-attention, cross-attention to the
-  visual tokens and an MLP per layer, so the Q embeddings form a left-to-right sequence the LLM can regress.
+- :class:`CausalTransformer`, Emu's as released: transformers' T5 decoder stack over Q learned queries (causal
+  self-attention, cross-attention whose keys and values read the visual tokens at their own width, a ReLU
+  feed-forward; RMS norms, unscaled attention, a shared relative position bias), then a linear map. The Q
+  embeddings form a left-to-right sequence the LLM can regress.
+- :class:`PreNormCausalTransformer`, the same idea in a plain pre-norm transformer (LayerNorms, scaled attention,
+  GELU MLPs, the visual tokens projected to the resampler's width once): this library's first design, kept as an
+  ablation.
 - :class:`PerceiverResampler`, Flamingo's: latents attend to the visual tokens and themselves.
 - :class:`MLPProjector`, LLaVA's: a two-layer MLP per visual token (Q = N).
 - :class:`PooledProjector`, Emu2's: average-pool the patch grid to k x k, then a linear map (Q = k * k).
 
-All end with an optional non-affine LayerNorm (``output_norm``): the visual embeddings are regression
-targets, and without a fixed scale the model can shrink or grow them to game the L2 loss.
+All end with an optional non-affine LayerNorm (``output_norm``; off in the released Emu): the visual embeddings
+are regression targets, and without a fixed scale the model can shrink or grow them to game the L2 loss.
 """
 
 from __future__ import annotations
@@ -75,7 +80,98 @@ class CausalTransformerLayer(nn.Module):
 
 
 class CausalTransformer(Resampler):
-    """Emu's Causal Transformer: Q learned queries read the image into a causal sequence of embeddings.
+    """Emu's Causal Transformer as released (``Emu1/models/causal_former.py``): transformers' T5 decoder stack.
+
+    Q learned queries (``N(0, 0.02)``) are the decoder's input embeddings; each layer has causal self-attention
+    among them, cross-attention whose keys and values read the visual tokens at their own width (``in_dim``, 1408 for
+    EVA-CLIP g/14) through its own projections, and a ReLU feed-forward, all without biases; T5's RMS norms, T5's
+    unscaled attention and a learned relative position bias (unidirectional buckets) that the first layer computes
+    and every layer shares; dropout. A final RMS norm, then ``Linear(width, out_dim)`` with a bias and nothing after
+    it. The stack is built from transformers' own T5 modules (only the cross-attention's key and value projections
+    are swapped for wider inputs), so it is the released network by construction; at the paper's sizes it has
+    129,033,344 parameters. T5's token embedding, unused here, is not built.
+
+    Args:
+        in_dim: width of the vision backbone's tokens (1408).
+        out_dim: width of the output embeddings, the LLM's hidden size (5120).
+        num_queries: Q, the number of visual embeddings per image (32).
+        width: the decoder's width, T5's ``d_model`` (768).
+        depth: number of decoder layers (12).
+        num_heads: attention heads per layer (12; each ``width // num_heads`` wide).
+        ffn_dim: the ReLU feed-forward's hidden width, T5's ``d_ff`` (3072).
+        dropout: T5's dropout rate (0.1), on embeddings, attention weights and residual branches in training.
+        relative_attention_num_buckets: relative position buckets (32).
+        relative_attention_max_distance: distance beyond which positions share a bucket (128).
+        output_norm: end with a non-affine LayerNorm (not in the released network; a fixed scale for regression
+            targets when training from scratch).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_queries: int = 32,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        ffn_dim: int = 3072,
+        dropout: float = 0.1,
+        relative_attention_num_buckets: int = 32,
+        relative_attention_max_distance: int = 128,
+        output_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        from transformers import T5Config
+        from transformers.models.t5.modeling_t5 import T5Stack
+
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        self.in_dim, self.out_dim, self.num_queries = in_dim, out_dim, num_queries
+        config = T5Config(
+            vocab_size=1,  # no token embedding is used: the queries are the input embeddings
+            d_model=width,
+            d_kv=width // num_heads,
+            d_ff=ffn_dim,
+            num_layers=depth,
+            num_decoder_layers=depth,
+            num_heads=num_heads,
+            relative_attention_num_buckets=relative_attention_num_buckets,
+            relative_attention_max_distance=relative_attention_max_distance,
+            dropout_rate=dropout,
+            layer_norm_epsilon=1e-6,
+            feed_forward_proj="relu",
+            is_decoder=True,
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=None,
+            eos_token_id=None,
+            decoder_start_token_id=None,
+        )
+        config._attn_implementation = "eager"  # T5's own attention: the relative bias added to unscaled scores
+        self.stack = T5Stack(config)
+        self.stack.embed_tokens = None
+        for block in self.stack.block:  # the released cross-attention reads the visual tokens at their width
+            cross = block.layer[1].EncDecAttention
+            for name in ("k", "v"):
+                linear = nn.Linear(in_dim, cross.inner_dim, bias=False)
+                nn.init.normal_(linear.weight, std=width**-0.5)  # as T5 initialises its k and v
+                setattr(cross, name, linear)
+        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)
+        self.projection = nn.Linear(width, out_dim)
+        self.output_norm = output_norm
+
+    def forward(self, features: Tensor) -> Tensor:
+        _check_features(self, features)
+        queries = self.queries.expand(features.shape[0], -1, -1).to(features.dtype)
+        hidden = self.stack(inputs_embeds=queries, encoder_hidden_states=features, use_cache=False).last_hidden_state
+        out = self.projection(hidden)
+        return F.layer_norm(out, out.shape[-1:]) if self.output_norm else out
+
+
+class PreNormCausalTransformer(Resampler):
+    """A plain pre-norm Causal Transformer: Q learned queries read the image into a causal sequence of embeddings
+    (LayerNorms, scaled attention, GELU MLPs; the visual tokens projected to ``width`` once). This library's first
+    design, kept as an ablation against the released :class:`CausalTransformer`.
 
     Args:
         in_dim: width of the vision backbone's tokens.
