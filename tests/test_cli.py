@@ -197,7 +197,13 @@ def test_the_three_stages_chain_from_the_command_line_and_chat_answers(tmp_path)
         assert torch.equal(value, states["tiny-decoder"][key]), key
     for key, value in states["tiny-decoder"].items():
         wrapped = re.sub(r"([qkvo]_proj)\.weight$", r"\1.base_layer.weight", key)  # under a LoRA layer
-        assert torch.equal(value, states["tiny-instruct"][wrapped]), key
+        other = states["tiny-instruct"][wrapped]
+        if other.shape != value.shape:  # Emu-I's [USER] and [ASSISTANT] rows, appended at the mean of the others
+            n = value.shape[0]
+            assert other.shape[0] == n + 2 and torch.equal(other[:n], value), key
+            assert torch.allclose(other[n:], value.mean(0, keepdim=True).expand(2, -1)), key
+        else:
+            assert torch.equal(value, other), key
     assert any("lora_B" in k for k in states["tiny-instruct"])
     assert any(k.startswith("decoder.") for k in states["tiny-decoder"])
 

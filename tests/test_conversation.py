@@ -13,8 +13,15 @@ from emu_lightning.conversation import (
 )
 from emu_lightning.eval.tasks import PromptTemplate, render
 from emu_lightning.sequence import END_OF_CHUNK, IGNORE_INDEX, SequenceBuilder
+from emu_lightning.tokenizer import load_tokenizer
 
 Q = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """Conversations are Emu-I's: its tokenizer holds [USER] and [ASSISTANT] as tokens."""
+    return load_tokenizer(instruct=True)
 
 
 def _turns(image):

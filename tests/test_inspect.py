@@ -35,6 +35,7 @@ def test_emu_14b_through_the_command_line():
     # unused token embedding
     assert report["components"]["vision"]["total"] == 1_011_146_112
     assert report["components"]["resampler"]["total"] == 129_033_344
+    assert report["components"]["llm"]["total"] == 13_042_119_680  # LLaMA-13B, 32,004 rows, the regression head
     assert sum(c["total"] for c in report["components"].values()) == total
     assert report["trainable_params"] == total  # nothing frozen in this config
     memory = report["memory"]

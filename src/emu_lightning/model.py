@@ -32,6 +32,8 @@ from emu_lightning.tokenizer import (
     IMAGE,
     IMG_END,
     IMG_START,
+    PRETRAIN_TOKENS,
+    add_emu_tokens,
     load_tokenizer,
     tokenizer_from_state,
     tokenizer_to_state,
@@ -146,6 +148,10 @@ class EmuModel(L.LightningModule):
             self._set_tokenizer(self._load_tokenizer(tokenizer))
         else:
             self._init_from(init_checkpoint)
+        if stage == "instruct" and self.tokenizer is not None:
+            # Emu-I's [USER] and [ASSISTANT], after the weights they start from (their rows: the mean of the others)
+            add_emu_tokens(self.tokenizer, instruct=True)
+            self._set_tokenizer(self.tokenizer)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> EmuModel:  # type: ignore[override]
@@ -199,8 +205,9 @@ class EmuModel(L.LightningModule):
     def _load_tokenizer(self, path: str | None) -> Any:
         if on_meta_device() and path is not None and not Path(path).is_dir():
             # `inspect` builds on meta without any files: count the rows Emu's tokens would add, plus a pad
-            # token, which LLaMA's tokenizer lacks.
-            self.llm.resize_token_embeddings(self.llm.vocab_size + len(EMU_TOKENS) + 1)
+            # token, which LLaMA's tokenizer lacks (32,004 on LLaMA; 32,006 for instruction tuning).
+            added = len(EMU_TOKENS) if self.stage == "instruct" else len(PRETRAIN_TOKENS)
+            self.llm.resize_token_embeddings(self.llm.vocab_size + added + 1)
             return None
         return load_tokenizer(path)
 

@@ -1,8 +1,10 @@
 """Tokenizers: any Hugging Face tokenizer from a local folder, or the built-in ShapesWorld byte-level BPE.
 
 Emu adds ``[IMG]``, ``[/IMG]`` and ``<image>`` (and ``[USER]``, ``[ASSISTANT]`` for instruction tuning) to
-the language model's vocabulary. Whatever tokenizer is used, :func:`load_tokenizer` makes sure these and a
-pad token exist, so the rest of the library can rely on them.
+the language model's vocabulary, after a ``[PAD]`` token when the tokenizer has none, in the released order: on
+LLaMA's 32,000 tokens, ``[PAD]`` 32000, ``[IMG]`` 32001, ``[/IMG]`` 32002, ``<image>`` 32003 (32,004 rows for
+pretraining), ``[USER]`` 32004 and ``[ASSISTANT]`` 32005 (32,006 for Emu-I). Whatever tokenizer is used,
+:func:`load_tokenizer` makes sure these and a pad token exist, so the rest of the library can rely on them.
 """
 
 from __future__ import annotations
@@ -20,17 +22,22 @@ IMG_END = "[/IMG]"
 IMAGE = "<image>"
 USER = "[USER]"
 ASSISTANT = "[ASSISTANT]"
-EMU_TOKENS = (IMG_START, IMG_END, IMAGE, USER, ASSISTANT)
-"""The tokens Emu adds to the vocabulary, in the order they are appended."""
+PAD = "[PAD]"
+PRETRAIN_TOKENS = (IMG_START, IMG_END, IMAGE)
+"""The tokens Emu's pretraining adds to the vocabulary, in the order they are appended."""
+INSTRUCT_TOKENS = (USER, ASSISTANT)
+"""The tokens instruction tuning (Emu-I) adds after them."""
+EMU_TOKENS = (*PRETRAIN_TOKENS, *INSTRUCT_TOKENS)
 
 
-def add_emu_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Add Emu's special tokens (and a pad token if missing); returns how many tokens were added."""
+def add_emu_tokens(tokenizer: PreTrainedTokenizerBase, instruct: bool = False) -> int:
+    """Add Emu's special tokens as the released code does (``[PAD]`` first when the tokenizer has no pad token, then
+    :data:`PRETRAIN_TOKENS`, then with ``instruct`` :data:`INSTRUCT_TOKENS`); returns how many tokens were added."""
     added = 0
     if tokenizer.pad_token is None:
         # LLaMA has no pad token; a dedicated one keeps padding out of the real vocabulary's statistics.
-        added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    missing = [t for t in EMU_TOKENS if t not in tokenizer.get_vocab()]
+        added += tokenizer.add_special_tokens({"pad_token": PAD})
+    missing = [t for t in PRETRAIN_TOKENS + (INSTRUCT_TOKENS if instruct else ()) if t not in tokenizer.get_vocab()]
     if missing:
         added += tokenizer.add_special_tokens(
             {"additional_special_tokens": missing}, replace_extra_special_tokens=False
@@ -72,21 +79,26 @@ def _trained_shapesworld_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return train_bpe(ShapesWorld().corpus(), vocab_size=vocab_size)
 
 
-def load_tokenizer(path: str | os.PathLike | None = None, vocab_size: int = 512) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str | os.PathLike | None = None, vocab_size: int = 512, instruct: bool = False
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder (``None``: the built-in ShapesWorld BPE) with Emu's tokens added.
 
     Args:
         path: a local Hugging Face tokenizer folder (``tokenizer.json`` / ``tokenizer.model``), or ``None``.
         vocab_size: size of the built-in BPE when ``path`` is ``None``.
+        instruct: also add the instruction-tuning tokens ``[USER]`` and ``[ASSISTANT]``.
     """
     if path is None:
-        return shapesworld_tokenizer(vocab_size)
+        tokenizer = shapesworld_tokenizer(vocab_size)
+        add_emu_tokens(tokenizer, instruct=instruct)
+        return tokenizer
     if not Path(path).is_dir():
         raise FileNotFoundError(
             f"tokenizer folder {str(path)!r} does not exist (a local Hugging Face tokenizer folder)"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    add_emu_tokens(tokenizer)
+    add_emu_tokens(tokenizer, instruct=instruct)
     return tokenizer
 
 

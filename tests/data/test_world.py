@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from emu_lightning.data.world import COLOURS, ShapesWorld
-from emu_lightning.tokenizer import EMU_TOKENS, load_tokenizer, tokenizer_from_state, tokenizer_to_state
+from emu_lightning.tokenizer import (
+    EMU_TOKENS,
+    PRETRAIN_TOKENS,
+    add_emu_tokens,
+    load_tokenizer,
+    tokenizer_from_state,
+    tokenizer_to_state,
+)
 
 
 def test_scenes_are_a_pure_function_of_seed_split_index():
@@ -61,7 +68,8 @@ def test_bad_world_arguments():
 def test_default_tokenizer_has_emu_tokens_and_round_trips():
     tok = load_tokenizer()
     vocab = tok.get_vocab()
-    assert all(t in vocab for t in EMU_TOKENS) and tok.pad_token_id is not None
+    assert all(t in vocab for t in PRETRAIN_TOKENS) and tok.pad_token_id is not None
+    assert "[USER]" not in vocab and all(t in load_tokenizer(instruct=True).get_vocab() for t in EMU_TOKENS)
     caption = "a small red circle in the top left."
     ids = tok(caption, add_special_tokens=False)["input_ids"]
     assert len(ids) <= 10  # words are whole tokens
@@ -70,3 +78,22 @@ def test_default_tokenizer_has_emu_tokens_and_round_trips():
     assert again.get_vocab() == vocab and again(caption)["input_ids"] == tok(caption)["input_ids"]
     with pytest.raises(FileNotFoundError, match="no/such/dir"):
         load_tokenizer("no/such/dir")
+
+
+def test_emu_tokens_take_the_released_ids_after_a_vocabulary_without_pad():
+    """As the released code adds them to LLaMA's 32,000 tokens: [PAD] 32000, [IMG] 32001, [/IMG] 32002, <image> 32003
+    (pretraining, 32,004 rows), then [USER] 32004 and [ASSISTANT] 32005 (Emu-I, 32,006)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(["a red circle", "a blue square"], trainers.BpeTrainer(
+        vocab_size=40, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    n = len(tok)
+    assert tok.pad_token is None and add_emu_tokens(tok) == 4
+    assert tok.convert_tokens_to_ids(["[PAD]", "[IMG]", "[/IMG]", "<image>"]) == [n, n + 1, n + 2, n + 3]
+    assert tok.pad_token == "[PAD]" and len(tok) == n + 4
+    assert add_emu_tokens(tok, instruct=True) == 2 and len(tok) == n + 6
+    assert tok.convert_tokens_to_ids(["[USER]", "[ASSISTANT]"]) == [n + 4, n + 5]
