@@ -72,14 +72,19 @@ def test_generate_image_text_in_context_and_blend():
     torch.testing.assert_close(unguided, direct)
     guided = model.generate_image(["a red circle."], guidance_scale=5.0, steps=2, generator=gen())
     assert not torch.allclose(guided, unguided)
-    # blending: weight 0 decodes the first image's own embeddings
+    # blending as released: Emu regresses the image after both, guided against the empty prompt
     a, b = torch.stack([img(3)]), torch.stack([img(4)])
-    blended = model.blend_images(a, b, weight=0.0, guidance_scale=1.0, steps=2, generator=gen())
+    blended = model.blend_images(a, b, steps=2, generator=gen())
+    torch.testing.assert_close(blended, model.generate_image([[img(3), img(4)]], steps=2, generator=gen()))
+    # interpolation: weight 0 decodes the first image's own embeddings
+    mixed = model.blend_images(a, b, weight=0.0, guidance_scale=1.0, steps=2, generator=gen(), mode="interpolate")
     own = model.decoder.sample(model.encode_images(a).detach(), None, steps=2, guidance_scale=1.0, generator=gen())
-    torch.testing.assert_close(blended, own)
-    assert model.blend_images(a, b, weight=0.5, steps=2).shape == (1, 3, 16, 16)
+    torch.testing.assert_close(mixed, own)
+    assert model.blend_images(a, b, weight=0.5, steps=2, mode="interpolate").shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match="blend weight 1.5"):
-        model.blend_images(a, b, weight=1.5)
+        model.blend_images(a, b, weight=1.5, mode="interpolate")
+    with pytest.raises(ValueError, match="applies to mode='interpolate'"):
+        model.blend_images(a, b, weight=0.3)
     with pytest.raises(ValueError, match="differ in shape"):
         model.blend_images(a, torch.stack([img(1), img(2)]))
 

@@ -2,7 +2,8 @@
 
     python -m emu_lightning.generate --ckpt CKPT "a small red circle in the top left."         # text-to-image
     python -m emu_lightning.generate --ckpt CKPT @a.png "and the same in blue:"                # in-context
-    python -m emu_lightning.generate --ckpt CKPT --blend a.png b.png --weight 0.5               # blending
+    python -m emu_lightning.generate --ckpt CKPT --blend a.png b.png                            # blending (as released)
+    python -m emu_lightning.generate --ckpt CKPT --blend a.png b.png --blend-mode interpolate --weight 0.3
 
 Prompt items are text, or ``@path`` for an image file (resized to the model's input size). ``--num`` samples
 (different noise) are written side by side to ``--out`` (a PNG).
@@ -38,7 +39,14 @@ def main(argv: list[str] | None = None) -> torch.Tensor:
     p.add_argument("items", nargs="*", help="prompt items: text, or @image.png")
     p.add_argument("--ckpt", required=True, help="an EmuModel checkpoint with a decoder")
     p.add_argument("--blend", nargs=2, metavar=("A", "B"), help="blend two image files instead of a prompt")
-    p.add_argument("--weight", type=float, default=0.5, help="blend weight of B")
+    p.add_argument(
+        "--blend-mode",
+        choices=("regress", "interpolate"),
+        default="regress",
+        help="regress: Emu regresses the image after A and B (as released); interpolate: decode a mix of their "
+        "embeddings",
+    )
+    p.add_argument("--weight", type=float, default=0.5, help="blend weight of B (--blend-mode interpolate)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--steps", type=int, default=25, help="diffusion sampling steps")
     p.add_argument("--num", type=int, default=4, help="samples (different noise)")
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> torch.Tensor:
     options = dict(guidance_scale=args.guidance, steps=args.steps, generator=generator)
     if args.blend:
         a, b = (_image(path, size)[None].expand(args.num, -1, -1, -1) for path in args.blend)
-        images = model.blend_images(a, b, weight=args.weight, **options)
+        images = model.blend_images(a, b, weight=args.weight, mode=args.blend_mode, **options)
     else:
         images = model.generate_image([parse_prompt(args.items, size)] * args.num, **options)
     from torchvision.utils import save_image

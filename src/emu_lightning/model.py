@@ -617,13 +617,26 @@ class EmuModel(L.LightningModule):
         guidance_scale: float = 7.5,
         steps: int = 50,
         generator: torch.Generator | None = None,
+        mode: str = "regress",
     ) -> Tensor:
-        """Blend two batches of images: decode ``(1 - weight) * emb(a) + weight * emb(b)`` of their visual
-        embeddings (the resampler's, the space Emu's regression targets live in)."""
+        """Blend two batches of images.
+
+        ``mode="regress"`` (the released image inference): both images are the prompt, and Emu regresses the
+        embeddings of the image that follows them, decoded with guidance against the empty prompt; ``weight`` does
+        not apply. ``mode="interpolate"``: decode ``(1 - weight) * emb(a) + weight * emb(b)`` of their visual
+        embeddings (the resampler's, the space Emu's regression targets live in).
+        """
         if images_a.shape != images_b.shape:
             raise ValueError(f"images to blend differ in shape: {tuple(images_a.shape)} vs {tuple(images_b.shape)}")
+        if mode not in ("regress", "interpolate"):
+            raise ValueError(f"blend mode {mode!r} must be 'regress' or 'interpolate'")
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"blend weight {weight} must be in [0, 1]")
+        if mode == "regress":
+            if weight != 0.5:
+                raise ValueError(f"blend weight {weight} applies to mode='interpolate'; 'regress' has none")
+            prompts = [[a, b] for a, b in zip(images_a, images_b)]
+            return self.generate_image(prompts, guidance_scale=guidance_scale, steps=steps, generator=generator)
         with self._inference():
             a, b = self.encode_images(images_a.to(self.device)), self.encode_images(images_b.to(self.device))
         return self.decode_embeddings(torch.lerp(a, b, weight), guidance_scale, steps, generator)
