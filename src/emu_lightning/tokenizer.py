@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 IMG_START = "[IMG]"
 IMG_END = "[/IMG]"
@@ -36,13 +36,32 @@ def add_emu_tokens(tokenizer: PreTrainedTokenizerBase, instruct: bool = False) -
     added = 0
     if tokenizer.pad_token is None:
         # LLaMA has no pad token; a dedicated one keeps padding out of the real vocabulary's statistics.
-        added += tokenizer.add_special_tokens({"pad_token": PAD})
+        added += tokenizer.add_special_tokens({"pad_token": _special(PAD)})
+    _prepend_to_every_piece(tokenizer)
     missing = [t for t in PRETRAIN_TOKENS + (INSTRUCT_TOKENS if instruct else ()) if t not in tokenizer.get_vocab()]
     if missing:
         added += tokenizer.add_special_tokens(
-            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+            {"additional_special_tokens": [_special(t) for t in missing]}, replace_extra_special_tokens=False
         )
     return added
+
+
+def _prepend_to_every_piece(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A SentencePiece-style tokenizer saved in the newer layout (a ``Metaspace`` pre-tokenizer that prepends ``▁``
+    to the first piece only) encodes the text after a special token without ``▁`` (``[USER] :``); the released slow
+    tokenizer encodes every piece between special tokens as a text of its own (``[USER] ▁:``). Prepend to every
+    piece, as it does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if type(pre).__name__ == "Metaspace" and pre.prepend_scheme == "first":
+        pre.prepend_scheme = "always"
+        backend.pre_tokenizer = pre
+
+
+def _special(token: str) -> AddedToken:
+    # The released slow LLaMA tokenizer strips the whitespace around special tokens, so that the text between them is
+    # encoded on its own: " [USER]: hi" is `[USER] ▁: ▁hi`, not `▁ [USER] : ▁hi`.
+    return AddedToken(token, lstrip=True, rstrip=True, special=True, normalized=False)
 
 
 def train_bpe(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:

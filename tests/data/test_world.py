@@ -97,3 +97,26 @@ def test_emu_tokens_take_the_released_ids_after_a_vocabulary_without_pad():
     assert tok.pad_token == "[PAD]" and len(tok) == n + 4
     assert add_emu_tokens(tok, instruct=True) == 2 and len(tok) == n + 6
     assert tok.convert_tokens_to_ids(["[USER]", "[ASSISTANT]"]) == [n + 4, n + 5]
+
+
+def test_emu_tags_tokenise_as_the_released_llama_tokenizer_does():
+    """The released slow LLaMA tokenizer strips the whitespace around special tokens and encodes the text between them
+    on its own (each piece with SentencePiece's leading ``▁``): ``{system} [USER]: {text} [ASSISTANT]:`` gives
+    ``▁sys [USER] ▁: ▁q [ASSISTANT] ▁:`` (it gave ``▁sys ▁ [USER] : ...`` here before: 86 tokens against the
+    released 83 for the VQA prompt). A LLaMA-style tokenizer in the legacy layout (a normalizer that prepends ``▁``
+    and turns spaces into ``▁``), with a tiny vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "▁", ":", "▁:", "▁sys", "▁q"])}
+    for layout in ("legacy", "metaspace"):  # the older and the newer tokenizer.json layouts of LLaMA
+        model = models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="", max_input_chars_per_word=99)
+        raw = Tokenizer(model)
+        if layout == "legacy":
+            raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        else:
+            raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        add_emu_tokens(tok, instruct=True)
+        ids = tok("sys [USER]: q [ASSISTANT]:", add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(ids) == ["▁sys", "[USER]", "▁:", "▁q", "[ASSISTANT]", "▁:"], layout
