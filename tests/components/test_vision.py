@@ -172,6 +172,14 @@ def test_freeze_keeps_eval_mode():
     assert all(p.requires_grad for p in trainable.parameters())
 
 
+def test_the_feature_layernorm_has_the_released_epsilon():
+    backbone = TimmVisionBackbone(**VIT)
+    assert backbone.ln.eps == 1e-6  # the released ln_visual: LayerNorm(1408, eps=1e-6)
+    features = torch.randn(2, 5, backbone.out_dim)
+    expected = torch.nn.functional.layer_norm(features, (backbone.out_dim,), backbone.ln.weight, backbone.ln.bias, 1e-6)
+    torch.testing.assert_close(backbone.ln(features), expected, rtol=0, atol=0)
+
+
 def test_meta_device_builds():
     with torch.device("meta"):
         eva = TimmVisionBackbone("eva_giant_patch14_clip_224", image_size=224, checkpoint_path="/absent/eva.pt")

@@ -92,7 +92,7 @@ class TimmVisionBackbone(VisionBackbone):
             self.out_dim = int(self.model.num_features)
         else:
             self.num_tokens, self.out_dim = self._probe_shape()
-        self.ln = nn.LayerNorm(self.out_dim)
+        self.ln = nn.LayerNorm(self.out_dim, eps=1e-6)  # as the released ln_visual
 
         cfg = self.model.pretrained_cfg
         mean = torch.tensor(cfg.get("mean") or IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(1, -1, 1, 1)
