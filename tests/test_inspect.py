@@ -29,19 +29,27 @@ def test_emu_14b_through_the_command_line():
     report = json.loads(proc.stdout)  # stdout holds exactly one JSON object
     total = report["total_params"]
     print(f"emu-14b total_params: {total:,}")
-    assert 13.5e9 <= total <= 14.5e9
-    assert set(report["components"]) == {"vision", "resampler", "llm"}
+    assert set(report["components"]) == {"vision", "resampler", "llm", "decoder"}
     # the released model's counts: EVA-CLIP g/14 without its head, and the T5 Causal Transformer without T5's
     # unused token embedding
     assert report["components"]["vision"]["total"] == 1_011_146_112
     assert report["components"]["resampler"]["total"] == 129_033_344
     assert report["components"]["llm"]["total"] == 13_042_119_680  # LLaMA-13B, 32,004 rows, the regression head
-    assert sum(c["total"] for c in report["components"].values()) == total
-    assert report["trainable_params"] == total  # nothing frozen in this config
+    # Stable Diffusion 1.5 (its folder is absent: counted from its config): the UNet's 859,520,964 with every
+    # cross-attention's keys and values reading 5120 wide instead of 768 (16 layers, inner widths summing to 12,480:
+    # 2 x 12,480 x 4,352 more), and the frozen VAE's 83,653,863
+    unet, vae = 859_520_964 + 2 * 12_480 * (5120 - 768), 83_653_863
+    assert report["components"]["decoder"] == {
+        "class": "emu_lightning.components.decoder.DiffusionDecoder",
+        "total": unet + vae,
+        "trainable": unet,
+    }
+    assert sum(c["total"] for c in report["components"].values()) == total == 15_234_099_883
+    assert report["trainable_params"] == total - vae  # only the VAE is frozen in this config
     memory = report["memory"]
     assert memory["devices"] == 4  # --devices beats trainer.devices (8)
-    assert memory["ddp"]["bytes"] == 12 * total
-    assert memory["sharded"]["bytes"] == 12 * total // 4
+    assert memory["ddp"]["bytes"] == 2 * total + 10 * (total - vae)
+    assert memory["sharded"]["bytes"] == -(-memory["ddp"]["bytes"] // 4)
 
 
 def test_tiny_meta_count_equals_real_model():

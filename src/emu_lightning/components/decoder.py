@@ -10,6 +10,7 @@ that works directly in pixel space (tests, the demo).
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,33 @@ TINY_UNET: dict[str, Any] = dict(
     norm_num_groups=8,
 )
 """Pixel-space UNet defaults (under 1M parameters with a small ``cond_dim``); ``unet=`` overrides any field."""
+
+SD15_UNET: dict[str, Any] = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    sample_size=64,
+    cross_attention_dim=768,
+)
+"""Stable Diffusion 1.5's UNet (the fields that differ from :data:`TINY_UNET` or diffusers' defaults)."""
+SD15_VAE: dict[str, Any] = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+"""Stable Diffusion 1.5's ``AutoencoderKL``."""
+SD15_SCHEDULER: dict[str, Any] = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, clip_sample=False,
+)  # fmt: skip
+"""Stable Diffusion 1.5's noise schedule (its ``scheduler/`` folder)."""
 
 _COMMON_SCHEDULERS = "DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler"
 
@@ -118,6 +146,13 @@ class DiffusionDecoder(VisualDecoder):
         if spatial_condition and num_queries is None:
             raise ValueError("spatial_condition needs num_queries (the number of embeddings in a condition)")
         root = Path(pretrained) if pretrained is not None else None
+        if root is not None and on_meta_device() and not root.is_dir():
+            # `inspect` without the files: count the Stable Diffusion 1.5 UNet and VAE that Emu's decoder starts from
+            warnings.warn(f"pretrained {str(root)!r} is not here: counting Stable Diffusion 1.5's UNet and VAE",
+                          stacklevel=2)  # fmt: skip
+            root, vae = None, vae or SD15_VAE
+            unet = {**SD15_UNET, "cross_attention_dim": cond_dim, **(unet or {})}  # k and v re-projected, as Emu's
+            scheduler_config = {**SD15_SCHEDULER, **(scheduler_config or {})}
         if root is not None:
             if not root.is_dir():
                 raise FileNotFoundError(f"pretrained {str(root)!r} is not a local diffusers folder")
@@ -217,9 +252,40 @@ class DiffusionDecoder(VisualDecoder):
                 "use e.g. DDPMScheduler or DDIMScheduler"
             )
         self.sample_scheduler = sample_cls.from_config(base_config)
+        self._scheduler_config = {k: v for k, v in base_config.items() if not k.startswith("_")}
         self.prediction_type = str(getattr(self.train_scheduler.config, "prediction_type", "epsilon"))
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+
+    def self_contained_config(self) -> dict[str, Any]:
+        """Init arguments that rebuild these networks without the ``pretrained`` folder (``unet``, ``vae`` and
+        ``scheduler_config`` as the folder describes them), for a checkpoint that holds every weight."""
+
+        def fields(module: Any) -> dict[str, Any]:
+            items = module.config.items()
+            return {k: (list(v) if isinstance(v, tuple) else v) for k, v in items if not k.startswith("_")}
+
+        return {
+            "pretrained": None,
+            "unet": fields(self.unet),
+            "vae": fields(self.vae) if self.vae is not None else None,  # `latent` follows from it
+            "scheduler_config": dict(self._scheduler_config),
+        }
+
+    def save_pretrained_parts(self, folder: str | Path) -> list[str]:
+        """Write ``unet/``, ``vae/`` and ``scheduler/`` (the sampling scheduler) under ``folder`` in diffusers' layout,
+        as the released generation pipeline reads them; returns the names written."""
+        extra = [n for n, m in (("spatial_condition", self.spatial), ("condition_norm", self.condition_norm)) if m]
+        if extra or self.pooled_condition:
+            raise ValueError(f"this decoder has parts a diffusers pipeline lacks: {extra or ['pooled_condition']}")
+        folder = Path(folder)
+        self.unet.save_pretrained(folder / "unet")
+        wrote = ["unet/"]
+        if self.vae is not None:
+            self.vae.save_pretrained(folder / "vae")
+            wrote.append("vae/")
+        self.sample_scheduler.save_pretrained(folder / "scheduler")
+        return [*wrote, "scheduler/"]
 
     def train(self, mode: bool = True) -> DiffusionDecoder:
         super().train(mode)
@@ -546,4 +612,5 @@ def _replace_cross_attention_kv(unet: UNet2DConditionModel, cond_dim: int) -> No
         found += 1
     if not found:
         raise ValueError("the UNet has no cross-attention layers to condition on the visual embeddings")
+    unet.register_to_config(cross_attention_dim=cond_dim)  # its config describes its weights again
     unet.register_to_config(cross_attention_dim=cond_dim)
