@@ -22,10 +22,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from emu_lightning.callbacks import PreemptionCheckpoint
 from emu_lightning.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint
-from emu_lightning.model import COMPONENTS, EmuModel
+from emu_lightning.model import COMPONENTS, TOKENIZER_FROM_CHECKPOINT, EmuModel
 
 ARCHITECTURE = (*COMPONENTS, "tokenizer")
 """The model arguments that make the network and its vocabulary: a checkpoint of other ones cannot be resumed."""
+WEIGHT_FILES = (
+    "tokenizer",
+    "vision.init_args.checkpoint_path",
+    "vision.init_args.checkpoint_prefix",
+    "llm.init_args.pretrained_path",
+    "decoder.init_args.pretrained",
+)
+"""The model arguments that only say where weights (and the vocabulary) are read from: with ``--ckpt_path`` they come
+from the checkpoint, so these files are not read and may differ from the checkpoint's or be absent."""
 SPECIAL_CKPT_PATHS = ("last", "hpc", "best", "registry")
 """``ckpt_path`` values that Lightning resolves to a file itself."""
 
@@ -38,8 +47,8 @@ class EmuCLI(LightningCLI):
     """LightningCLI with the model's optimizer and scheduler taken from its own init arguments.
 
     With ``--ckpt_path`` (resuming ``fit``, or ``validate`` / ``test`` / ``predict`` of a checkpoint) every weight
-    comes from that checkpoint, so the stage's ``model.init_checkpoint`` (an earlier stage's file, which may be
-    gone) is not read.
+    and the tokenizer come from that checkpoint, so the files the config names for them (:data:`WEIGHT_FILES`, and
+    the stage's ``model.init_checkpoint``, an earlier stage's file) are not read and need not exist.
     """
 
     def before_instantiate_classes(self) -> None:
@@ -58,9 +67,11 @@ class EmuCLI(LightningCLI):
         if not path or str(path) in SPECIAL_CKPT_PATHS or config.get("model") is None:
             return
         checkpoint = load_checkpoint(path, what="--ckpt_path", mmap=True)  # the metadata only
-        saved = dict(_flatten(checkpoint.get("hyper_parameters") or {}))
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved = dict(_flatten(hparams))
         given = dict(_flatten(config.model.as_dict()))
-        changed = [k for k in sorted(saved.keys() & given.keys()) if k != "init_checkpoint" and saved[k] != given[k]]
+        ignored = ("init_checkpoint", *WEIGHT_FILES)
+        changed = [k for k in sorted(saved.keys() & given.keys()) if k not in ignored and saved[k] != given[k]]
         network = [k for k in changed if k.split(".")[0] in ARCHITECTURE]
         if network:
             lines = "\n".join(f"  model.{k}: {saved[k]!r} in the checkpoint, {given[k]!r} here" for k in network[:12])
@@ -74,6 +85,7 @@ class EmuCLI(LightningCLI):
             lines = "\n".join(f"  model.{k}: {saved[k]!r} -> {given[k]!r}" for k in changed)
             rank_zero_warn(f"{subcommand} --ckpt_path {path}: these model arguments differ from the checkpoint's and "
                            f"take this command's values:\n{lines}")  # fmt: skip
+        _weights_from_checkpoint(config.model, hparams, has_tokenizer="emu_tokenizer" in checkpoint)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Lightning's trainer, plus what every run of this library has: a resumable checkpoint on SIGTERM
@@ -85,6 +97,27 @@ class EmuCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
         return trainer
+
+
+def _weights_from_checkpoint(model: Any, saved: dict[str, Any], has_tokenizer: bool) -> None:
+    """Stop the model config from reading weight files that ``--ckpt_path`` replaces: the tokenizer is the checkpoint's,
+    the vision tower's checkpoint is not read, and the language model and decoder are built from the checkpoint's own
+    description of them when it has one (a converted checkpoint's ``llm.config``, a decoder without ``pretrained``)."""
+    if has_tokenizer:
+        model.tokenizer = TOKENIZER_FROM_CHECKPOINT
+    parts = {name: (model.get(name), saved.get(name)) for name in ("vision", "llm", "decoder")}
+    args = {n: (g.init_args, s.get("init_args") or {}) for n, (g, s) in parts.items()
+            if g is not None and isinstance(s, dict) and g.get("class_path") == s.get("class_path")}  # fmt: skip
+    if "vision" in args and "checkpoint_path" in args["vision"][0]:
+        args["vision"][0].checkpoint_path = None
+    if "llm" in args and args["llm"][1].get("config") is not None:
+        given, ckpt = args["llm"]
+        given.pretrained_path, given.config = None, ckpt["config"]
+    if "decoder" in args and "pretrained" in args["decoder"][1] and args["decoder"][1]["pretrained"] is None:
+        given, ckpt = args["decoder"]
+        for key in ("pretrained", "unet", "vae", "scheduler_config"):
+            if key in ckpt:
+                setattr(given, key, ckpt[key])
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -138,11 +171,30 @@ def cli(args: list[str] | None = None, run: bool = True, cli_class: type[EmuCLI]
     )
 
 
+MORE_SUBCOMMANDS = {
+    "chat": "Talk to a trained EmuModel (emu-lightning chat --help).",
+    "convert": "Emu's released weights to an EmuModel checkpoint, and back (emu-lightning convert --help).",
+}
+"""Subcommands that are not Trainer methods: each has its own parser."""
+
+
 def main() -> None:
-    if sys.argv[1:2] == ["chat"]:  # not a Trainer subcommand: the assistant has its own small parser
+    command = sys.argv[1:2]
+    if command == ["chat"]:  # not a Trainer subcommand: the assistant has its own small parser
         from emu_lightning.chat import main as chat_main
 
         sys.exit(chat_main(sys.argv[2:]))
+    if command == ["convert"]:
+        from emu_lightning.convert import main as convert_main
+
+        sys.exit(convert_main(sys.argv[2:]))
+    if command in (["-h"], ["--help"]):
+        try:
+            cli()
+        except SystemExit:  # LightningCLI printed its help; list the other subcommands after it
+            sys.stdout.write("\nmore subcommands:\n")
+            sys.stdout.write("".join(f"    {name:<20}{text}\n" for name, text in MORE_SUBCOMMANDS.items()))
+            raise
     try:
         cli()
     except (ConfigError, CheckpointError) as err:  # the message says it all: no traceback

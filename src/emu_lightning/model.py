@@ -40,6 +40,9 @@ from emu_lightning.tokenizer import (
 )
 
 COMPONENTS = ("vision", "resampler", "llm", "decoder")
+TOKENIZER_FROM_CHECKPOINT = "<checkpoint>"
+"""``tokenizer:`` value meaning "the tokenizer stored in the checkpoint being loaded" (``load_from_checkpoint``,
+``--ckpt_path`` and converted checkpoints use it): no tokenizer is built until the checkpoint is read."""
 STAGES = ("pretrain", "decoder", "instruct")
 
 try:  # set by LightningCLI so that hparams hold the config (class_path dicts), not the built modules
@@ -57,7 +60,8 @@ class EmuModel(L.LightningModule):
         llm: the language model with its regression head.
         decoder: the visual decoder (diffusion UNet) that turns regressed embeddings into pixels; optional.
         tokenizer: a local tokenizer folder; ``None`` trains the built-in ShapesWorld byte-level BPE. The
-            tokenizer is stored inside every checkpoint, so inference does not need the folder.
+            tokenizer is stored inside every checkpoint, so inference does not need the folder;
+            ``"<checkpoint>"`` (:data:`TOKENIZER_FROM_CHECKPOINT`) is the one of the checkpoint being loaded.
         max_length: longest training sequence in tokens (longer samples are truncated between blocks).
         ce_weight: weight of the next-token cross-entropy.
         regression_weight: weight of the next-visual-embedding L2 loss.
@@ -156,10 +160,12 @@ class EmuModel(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> EmuModel:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint``, except that the ``init_checkpoint`` the run started from is not read
-        again (unless given here): every weight is in this checkpoint, and the earlier stage's file need not exist."""
+        again (unless given here): every weight is in this checkpoint, and the earlier stage's file need not exist;
+        nor is the tokenizer folder: the checkpoint's own tokenizer is used."""
         kwargs.setdefault("init_checkpoint", None)
         if isinstance(checkpoint_path, (str, Path)):  # a clear error for a bad file, before Lightning reads it
             load_checkpoint(checkpoint_path, what="checkpoint", require=(*LIGHTNING, *EMU), mmap=True)
+            kwargs.setdefault("tokenizer", TOKENIZER_FROM_CHECKPOINT)  # the checkpoint's own, not the folder again
         kwargs["weights_only"] = True  # tensors and plain data only: a crafted file cannot run code
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
@@ -203,6 +209,8 @@ class EmuModel(L.LightningModule):
             )
 
     def _load_tokenizer(self, path: str | None) -> Any:
+        if path == TOKENIZER_FROM_CHECKPOINT:  # set by on_load_checkpoint, before the weights load
+            return None
         if on_meta_device() and path is not None and not Path(path).is_dir():
             # `inspect` builds on meta without any files: count the rows Emu's tokens would add, plus a pad
             # token, which LLaMA's tokenizer lacks (32,004 on LLaMA; 32,006 for instruction tuning).
