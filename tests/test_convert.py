@@ -15,7 +15,7 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
-from emu_lightning.cli import cli
+from emu_lightning.cli import ConfigError, cli
 from emu_lightning.convert import ConversionError, convert_released, main
 from emu_lightning.model import EmuModel
 
@@ -214,6 +214,18 @@ def test_validate_runs_on_a_converted_checkpoint_without_the_original_files(rele
     run = cli(["validate", "--config", str(released / "emu-tiny.yaml"), "--model.tokenizer", "gone/llama",
                "--ckpt_path", str(out), "--trainer.limit_val_batches", "1"], run=True)  # fmt: skip
     assert run.model.tokenizer is not None and torch.isfinite(run.trainer.callback_metrics["val/ce"])
+    emu_i = tmp_path / "emu-i.ckpt"  # Emu-I has no decoder: an error that says how to drop the config's
+    _convert(released, "--released", str(released / "Emu-instruct.pt"), "--out", str(emu_i))
+    validate = ["validate", "--config", str(released / "emu-tiny.yaml"), "--ckpt_path", str(emu_i)]
+    with pytest.raises(ConfigError) as err:  # Emu-I has LoRA and no decoder: the error names both
+        cli(validate)
+    assert "model.decoder: None in the checkpoint, 'DiffusionDecoder' here" in str(err.value)
+    assert "model.llm.init_args.lora: {'r': 4," in str(err.value) and "in the checkpoint, None here" in str(err.value)
+    assert "--model.decoder null drops the config's decoder" in str(err.value)
+    lora = '{"r": 4, "alpha": 16.0, "dropout": 0.05, "target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]}'
+    overlay = ["--model.stage", "instruct", "--model.decoder", "null", "--model.llm.init_args.lora", lora]
+    run = cli([*validate, *overlay, "--trainer.limit_val_batches", "1"])
+    assert run.model.llm.has_lora and torch.isfinite(run.trainer.callback_metrics["val/ce"])
 
 
 def test_a_missing_or_extra_key_is_an_error_that_names_it(released, tmp_path):

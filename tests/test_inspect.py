@@ -105,3 +105,16 @@ def test_overrides_and_missing_config(capsys):
         main(["--config", TINY, "--config", "configs/does-not-exist.yaml"])
     assert err.value.code == 2
     assert "configs/does-not-exist.yaml" in capsys.readouterr().err
+
+
+def test_emu_i_overlay_counts_the_released_emu_i(capsys):
+    """configs/emu-i.yaml on top of the 14B config: [USER] and [ASSISTANT] add two rows to LLaMA's embedding and LM
+    head, the released LoRA (r 16 on q/k/v/o, 40 layers) adds 40 x 4 x 16 x (5120 + 5120) trainable parameters, the
+    decoder is gone, and only the adapters train."""
+    report = main(["--config", EMU_14B, "--config", str(ROOT / "configs" / "emu-i.yaml")])
+    capsys.readouterr()
+    llm = report["components"]["llm"]
+    lora = 40 * 4 * 16 * (5120 + 5120)
+    assert set(report["components"]) == {"vision", "resampler", "llm"}
+    assert llm["total"] == 13_042_119_680 + 2 * 2 * 5120 + lora and llm["trainable"] == lora == 26_214_400
+    assert report["trainable_params"] == lora

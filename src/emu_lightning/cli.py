@@ -68,18 +68,24 @@ class EmuCLI(LightningCLI):
             return
         checkpoint = load_checkpoint(path, what="--ckpt_path", mmap=True)  # the metadata only
         hparams = checkpoint.get("hyper_parameters") or {}
+        model = config.model.as_dict()
         saved = dict(_flatten(hparams))
-        given = dict(_flatten(config.model.as_dict()))
+        given = dict(_flatten(model))
         ignored = ("init_checkpoint", *WEIGHT_FILES)
         changed = [k for k in sorted(saved.keys() & given.keys()) if k not in ignored and saved[k] != given[k]]
+        for key, (theirs, ours) in _one_sided(hparams, model, saved, given).items():  # e.g. a decoder, LoRA
+            saved[key], given[key] = theirs, ours
+            changed.append(key)
         network = [k for k in changed if k.split(".")[0] in ARCHITECTURE]
         if network:
             lines = "\n".join(f"  model.{k}: {saved[k]!r} in the checkpoint, {given[k]!r} here" for k in network[:12])
             more = f"\n  ... and {len(network) - 12} more" if len(network) > 12 else ""
+            drop = [k for k in network if k in COMPONENTS and given[k]]
+            hint = "".join(f"\n--model.{k} null drops the config's {k}" for k in drop)
             raise ConfigError(
                 f"--ckpt_path {path} holds another model than this command builds:\n{lines}{more}\n"
                 "Give the config the checkpoint was trained with (its run folder's config.yaml), or start a new run "
-                "from its weights with --model.init_checkpoint"
+                f"from its weights with --model.init_checkpoint{hint}"
             )
         if changed:
             lines = "\n".join(f"  model.{k}: {saved[k]!r} -> {given[k]!r}" for k in changed)
@@ -118,6 +124,41 @@ def _weights_from_checkpoint(model: Any, saved: dict[str, Any], has_tokenizer: b
         for key in ("pretrained", "unet", "vae", "scheduler_config"):
             if key in ckpt:
                 setattr(given, key, ckpt[key])
+
+
+DESCRIBED_BY_FILES = ("llm.init_args.config", "decoder.init_args.unet", "decoder.init_args.vae",
+                      "decoder.init_args.scheduler_config")  # fmt: skip
+"""Model arguments that a self-contained checkpoint fills in where a config reads them from the weight folders."""
+
+
+def _one_sided(
+    saved_tree: dict[str, Any], given_tree: dict[str, Any], saved: dict[str, Any], given: dict[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """Parts set on one side only (``None`` on the other): ``{key: (checkpoint's, command's)}``, e.g. a checkpoint
+    without the config's decoder, or with LoRA adapters the config lacks."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for flat, other_tree, other_flat, checkpoint_side in ((given, saved_tree, saved, True), (saved, given_tree, given,
+                                                                                            False)):  # fmt: skip
+        for key, value in flat.items():
+            if value is not None or key in other_flat or key in DESCRIBED_BY_FILES:
+                continue
+            other = _nested(other_tree, key)
+            if isinstance(other, dict) and other:
+                out[key] = (_summary(other), None) if checkpoint_side else (None, _summary(other))
+    return out
+
+
+def _nested(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def _summary(value: dict[str, Any]) -> Any:
+    """A class_path dict as its class name, any other dict as it is."""
+    return str(value["class_path"]).rpartition(".")[2] if "class_path" in value else value
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
