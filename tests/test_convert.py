@@ -260,3 +260,18 @@ def test_the_command_lists_convert():
 
     out = subprocess.run([sys.executable, "-m", "emu_lightning.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "convert" in out.stdout and "chat" in out.stdout
+
+
+def test_training_starts_from_a_converted_checkpoint_without_the_original_files(released, tmp_path):
+    """`--model.init_checkpoint` copies the converted weights in; the tokenizer and decoder folders the config names
+    (missing here) are not read, and the decoder is built from the checkpoint's description of it."""
+    out = tmp_path / "emu.ckpt"
+    _convert(released, "--released", str(released / "Emu-pretrain.pt"), "--decoder", str(released / "pipeline"),
+             "--out", str(out))  # fmt: skip
+    source = torch.load(released / "Emu-pretrain.pt", weights_only=True)["module"]
+    run = cli(["fit", "--config", str(released / "emu-tiny.yaml"), "--model.tokenizer", "gone/llama",
+               "--model.init_checkpoint", str(out), "--model.frozen", "[vision]", "--trainer.max_steps", "1",
+               "--trainer.limit_val_batches", "0"])  # fmt: skip
+    assert run.trainer.global_step == 1 and run.model.decoder.unet.config.cross_attention_dim == L
+    assert torch.equal(run.model.vision.model.blocks[0].attn.qkv.weight, source["visual.blocks.0.attn.qkv.weight"])
+    assert len(run.model.tokenizer) == len(_base_tokenizer(released)) + 4

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from emu_lightning.callbacks import PreemptionCheckpoint
-from emu_lightning.checkpoints import CheckpointError, SafeCheckpointIO, load_checkpoint
+from emu_lightning.checkpoints import EMU, CheckpointError, SafeCheckpointIO, load_checkpoint
 from emu_lightning.model import COMPONENTS, TOKENIZER_FROM_CHECKPOINT, EmuModel
 
 ARCHITECTURE = (*COMPONENTS, "tokenizer")
@@ -53,8 +53,18 @@ class EmuCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is not None and config.get("ckpt_path") and config.get("model") is not None:
+        if config is None or config.get("model") is None:
+            return
+        if config.get("ckpt_path"):
             config.model.init_checkpoint = None
+        elif config.model.get("init_checkpoint") and Path(config.model.init_checkpoint).is_file():
+            # its components' weights are copied in: do not read them from their files first
+            try:
+                checkpoint = load_checkpoint(config.model.init_checkpoint, require=EMU, mmap=True)
+            except CheckpointError:
+                return  # EmuModel reports it
+            holds = {key.split(".", 1)[0] for key in checkpoint["state_dict"]}
+            _weights_from_checkpoint(config.model, checkpoint.get("hyper_parameters") or {}, False, holds)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` against the command's model, instead of Lightning's default of silently taking the
@@ -105,20 +115,26 @@ class EmuCLI(LightningCLI):
         return trainer
 
 
-def _weights_from_checkpoint(model: Any, saved: dict[str, Any], has_tokenizer: bool) -> None:
-    """Stop the model config from reading weight files that ``--ckpt_path`` replaces: the tokenizer is the checkpoint's,
-    the vision tower's checkpoint is not read, and the language model and decoder are built from the checkpoint's own
-    description of them when it has one (a converted checkpoint's ``llm.config``, a decoder without ``pretrained``)."""
+def _weights_from_checkpoint(
+    model: Any, saved: dict[str, Any], has_tokenizer: bool, holds: set[str] | None = None
+) -> None:
+    """Stop the model config from reading weight files that a checkpoint replaces (``--ckpt_path``; or the components
+    ``holds`` names, those of ``model.init_checkpoint``): the tokenizer is the checkpoint's, the vision tower's weights
+    are not read, and the language model and decoder are built from the checkpoint's own description of them when it
+    has one that agrees with the config (``llm.config``; a decoder without ``pretrained``, as converted ones are)."""
     if has_tokenizer:
         model.tokenizer = TOKENIZER_FROM_CHECKPOINT
     parts = {name: (model.get(name), saved.get(name)) for name in ("vision", "llm", "decoder")}
     args = {n: (g.init_args, s.get("init_args") or {}) for n, (g, s) in parts.items()
-            if g is not None and isinstance(s, dict) and g.get("class_path") == s.get("class_path")}  # fmt: skip
+            if g is not None and isinstance(s, dict) and g.get("class_path") == s.get("class_path")
+            and (holds is None or n in holds)}  # fmt: skip
     if "vision" in args and "checkpoint_path" in args["vision"][0]:
         args["vision"][0].checkpoint_path = None
     if "llm" in args and args["llm"][1].get("config") is not None:
         given, ckpt = args["llm"]
-        given.pretrained_path, given.config = None, ckpt["config"]
+        mine = given.config.as_dict() if hasattr(given.config, "as_dict") else dict(given.config or {})
+        if all(ckpt["config"].get(k, v) == v for k, v in mine.items()):
+            given.pretrained_path, given.config = None, ckpt["config"]
     if "decoder" in args and "pretrained" in args["decoder"][1] and args["decoder"][1]["pretrained"] is None:
         given, ckpt = args["decoder"]
         for key in ("pretrained", "unet", "vae", "scheduler_config"):
