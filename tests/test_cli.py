@@ -18,7 +18,8 @@ CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml")
 ABLATIONS = [p for p in CONFIGS if "ablations" in p.parts]
 OVERLAYS = [p for p in CONFIGS if "eval" in p.parts]  # stacked on a model config
 STAGES = [p for p in CONFIGS if "stages" in p.parts]  # stacked on the tiny config
-BASES = [p for p in CONFIGS if "ablations" not in p.parts and p not in OVERLAYS and p not in STAGES]
+ON_14B = [Path("configs/emu-i.yaml")]  # stacked on the 14B config
+BASES = [p for p in CONFIGS if "ablations" not in p.parts and p not in OVERLAYS + STAGES + ON_14B]
 
 
 class ParseOnly(EmuCLI):
@@ -41,6 +42,12 @@ def test_configs_exist():
 def test_every_config_parses(config):
     cfg = _parse(config)
     assert cfg.model.resampler.class_path.startswith("emu_lightning.")
+
+
+@pytest.mark.parametrize("overlay", ON_14B, ids=str)
+def test_14b_overlays_parse_on_the_14b_config(overlay):
+    cfg = _parse(Path("configs/emu-14b.yaml"), overlay)
+    assert cfg.model.stage == "instruct" and cfg.model.decoder is None and cfg.model.llm.init_args.lora["r"] == 16
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=str)
