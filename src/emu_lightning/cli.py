@@ -103,11 +103,29 @@ class EmuCLI(LightningCLI):
                            f"take this command's values:\n{lines}")  # fmt: skip
         _weights_from_checkpoint(config.model, hparams, has_tokenizer="emu_tokenizer" in checkpoint)
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--eval",
+            type=dict[str, Any] | None,
+            default=None,
+            help="Arguments set on every few-shot evaluation callback (CaptioningEval, VQAEval) over their configs': "
+            "shots, seeds, selection, zero_shot_text_demos, num_queries; e.g. '{shots: [0, 1], "
+            "zero_shot_text_demos: 1}' on a small support set",
+        )
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Lightning's trainer, plus what every run of this library has: a resumable checkpoint on SIGTERM
         (:class:`~emu_lightning.callbacks.PreemptionCheckpoint`) and checkpoints read with ``weights_only=True``
         (:class:`~emu_lightning.checkpoints.SafeCheckpointIO`)."""
         trainer = super().instantiate_trainer(**kwargs)
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        overrides = config.get("eval") if config is not None else None
+        if overrides:
+            from emu_lightning.eval.callbacks import FewShotEval
+
+            for callback in trainer.callbacks:
+                if isinstance(callback, FewShotEval):
+                    callback.override(**overrides)
         if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
             trainer.callbacks.append(PreemptionCheckpoint())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:

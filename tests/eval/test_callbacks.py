@@ -116,3 +116,49 @@ def test_text_to_image_eval_skips_models_without_generate_image(tmp_path):
     with pytest.warns(UserWarning, match="no generate_image or no decoder"):  # an EmuModel without a decoder
         fit_with(tmp_path, cb)
     assert cb.history == []
+
+
+def test_demonstrations_need_no_annotations_of_the_evaluated_split(tmp_path):
+    """As with real COCO: the annotation file (captions_val2014.json) has the evaluated split's images only; the
+    demonstrations come from Karpathy's train split (train2014 images) with the Karpathy file's own sentences."""
+    world = ShapesWorld(image_size=16)
+    coco = world.write_coco_karpathy(tmp_path / "coco", {"train": 6, "test": 4})
+    karpathy = json.loads(coco["karpathy"].read_text())
+    test_ids = {img["cocoid"] for img in karpathy["images"] if img["split"] == "test"}
+    annotations = json.loads(coco["annotations"].read_text())
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["image_id"] in test_ids]
+    (tmp_path / "captions_test.json").write_text(json.dumps(annotations))
+    cb = CaptioningEval(karpathy_json=str(coco["karpathy"]), image_root=str(coco["images"]), shots=[0, 2],
+                        annotations_json=str(tmp_path / "captions_test.json"), num_queries=4,
+                        generation={"max_new_tokens": 3}, strict=True)  # fmt: skip
+    fit_with(tmp_path / "run", cb)
+    assert cb.history and cb.history[-1]["shots"][2]["num_evaluated"] == 4
+
+
+def test_a_failing_evaluation_fails_validate(tmp_path):
+    """In `validate` the evaluation is the point of the run: its error ends the run (a non-zero exit), instead of a
+    warning and no scores."""
+    bad = CaptioningEval(karpathy_json=str(tmp_path / "missing.json"), image_root=str(tmp_path), shots=[0])
+    dm = ShapesWorldDataModule(image_size=16, batch_size=4, val_size=4)
+    trainer = L.Trainer(limit_val_batches=1, callbacks=[bad], default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        trainer.validate(make_model(max_length=256), dm)
+
+
+def test_eval_arguments_from_the_command_line(tmp_path):
+    """`--eval '{...}'` sets shots (and the like) on every few-shot evaluation callback, e.g. for three real photos."""
+    from pathlib import Path
+
+    from emu_lightning.cli import cli
+    from emu_lightning.eval.callbacks import FewShotEval
+
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    run = cli(["--config", tiny, "--eval", "{shots: [0, 1], zero_shot_text_demos: 1, num_queries: 3}",
+               f"--trainer.default_root_dir={tmp_path}"], run=False)  # fmt: skip
+    evals = [c for c in run.trainer.callbacks if isinstance(c, FewShotEval)]
+    assert len(evals) == 2
+    assert all(c.task_args["shots"] == (0, 1) and c.task_args["zero_shot_text_demos"] == 1 for c in evals)
+    assert all(c.num_queries == 3 for c in evals)
+    with pytest.raises(ValueError, match=r"unknown keys \['shot'\]"):
+        evals[0].override(shot=[1])

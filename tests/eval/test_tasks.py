@@ -87,6 +87,10 @@ def test_bad_task_arguments(sets):
         FewShotTask("captioning", sets["cap_test"], sets["cap_train"], selection="retrieval")
     with pytest.raises(ValueError, match="RICES selector or a rices_encoder"):
         FewShotTask("captioning", sets["cap_test"], sets["cap_train"], selection="rices")
+    # RICES shows each support image once: the questions of 4 images allow at most 4 demonstrations
+    with pytest.raises(ValueError, match="5 demonstrations asked for with RICES.* 4 different images \\(2\\d items\\)"):
+        FewShotTask("vqa", sets["vqa_val"], sets["vqa_train"], shots=(5,), selection="rices",
+                    rices_encoder=torch.nn.Identity())  # fmt: skip
 
 
 def test_rices_selection_shows_the_most_similar_support_image_last(sets):

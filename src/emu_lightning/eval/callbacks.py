@@ -38,8 +38,9 @@ from emu_lightning.eval.tasks import FewShotTask, PromptTemplate, from_captions,
 
 
 class ScheduledEval(Callback):
-    """Runs ``_run`` every ``every_n_steps`` training steps and/or after each validation; errors are logged
-    and training goes on unless ``strict``."""
+    """Runs ``_run`` every ``every_n_steps`` training steps and/or after each validation. In training an error is
+    logged and training goes on unless ``strict``; outside training (``validate``) the evaluation is the run's
+    purpose, so its error ends the run."""
 
     task_name = "task"
 
@@ -73,7 +74,7 @@ class ScheduledEval(Callback):
         try:
             return self._run(trainer, pl_module)
         except Exception as err:  # an evaluation must not kill a long training run
-            if self.strict:
+            if self.strict or trainer.state.fn != TrainerFn.FITTING:
                 raise
             rank_zero_warn(f"{self.task_name} evaluation failed at step {_weights_step(trainer, pl_module)}: {err!r}")
             return None
@@ -128,6 +129,20 @@ class FewShotEval(ScheduledEval):
         self.num_queries = num_queries
         self.task: FewShotTask | None = None
 
+    def override(self, **args: Any) -> None:
+        """Set ``shots``, ``seeds``, ``selection``, ``zero_shot_text_demos`` or ``num_queries`` after construction
+        (``emu-lightning --eval '{shots: [0, 1]}'``); before the first evaluation."""
+        allowed = ("shots", "seeds", "selection", "zero_shot_text_demos", "num_queries")
+        unknown = sorted(set(args) - set(allowed))
+        if unknown:
+            raise ValueError(f"--eval: unknown keys {unknown}; allowed: {list(allowed)}")
+        for key, value in args.items():
+            if key == "num_queries":
+                self.num_queries = value
+            else:
+                self.task_args[key] = tuple(value) if key in ("shots", "seeds") else value
+        self.task = None
+
     # ------------------------------------------------------------------ data
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
         raise NotImplementedError
@@ -171,7 +186,8 @@ class CaptioningEval(FewShotEval):
     Args:
         karpathy_json: Karpathy's ``dataset_coco.json``; ``None`` writes a ShapesWorld set in that format.
         image_root: folder the Karpathy ``filepath/filename`` entries are relative to.
-        annotations_json: COCO captions annotation file for the references (optional).
+        annotations_json: COCO captions annotation file for the evaluated split's references (optional; e.g.
+            ``captions_val2014.json`` for Karpathy's test split). Demonstrations use the Karpathy file's sentences.
         split: evaluated split (``test``).
         support_split: where demonstrations come from (``train``).
         shapesworld_support: ShapesWorld training images written for demonstrations.
@@ -209,7 +225,9 @@ class CaptioningEval(FewShotEval):
         if image_root is None:
             raise ValueError("CaptioningEval: karpathy_json is given but image_root is not")
         queries = from_captions(read_karpathy(karpathy, image_root, self.split, annotations))
-        support = from_captions(read_karpathy(karpathy, image_root, self.support_split, annotations))
+        # Demonstrations come from another split (train2014 images for Karpathy's train): their captions are the
+        # Karpathy file's own sentences, not the evaluated split's annotation file.
+        support = from_captions(read_karpathy(karpathy, image_root, self.support_split))
         return queries, support
 
 

@@ -144,6 +144,12 @@ class FewShotTask:
         most = max([*self.shots, self.zero_shot_text_demos])
         if most > len(self.support):
             raise ValueError(f"{most} demonstrations asked for, but the support set has {len(self.support)}")
+        images = len({e.image_id for e in self.support})
+        if self.selection == "rices" and max(self.shots) > images:
+            raise ValueError(
+                f"{max(self.shots)} demonstrations asked for with RICES, which shows each support image "
+                f"once, but the support set has {images} different images ({len(self.support)} items)"
+            )
         keys = [q.key for q in self.queries]
         if len(set(keys)) != len(keys):
             raise ValueError("query keys must be unique")
