@@ -149,6 +149,12 @@ class EmuModel(L.LightningModule):
         self.weight_decay_norms = weight_decay_norms
         self.max_length = max_length
         if init_checkpoint is None:
+            if tokenizer is None and llm.pretrained_path is not None:
+                raise ValueError(
+                    f"the language model loads pretrained weights from {llm.pretrained_path!r} but `tokenizer` is not "
+                    "set: give the tokenizer folder it was trained with (model.tokenizer); the built-in ShapesWorld "
+                    "tokenizer is only for language models trained from scratch"
+                )
             self._set_tokenizer(self._load_tokenizer(tokenizer))
         else:
             self._init_from(init_checkpoint)

@@ -72,3 +72,15 @@ def test_freeze_keeps_eval_mode():
     llm = HFCausalLM(config=TINY_LLM, freeze=True)
     llm.train()
     assert not llm.training and not any(p.requires_grad for p in llm.parameters())
+
+
+def test_a_pretrained_language_model_needs_its_own_tokenizer(tmp_path):
+    """Never the ShapesWorld tokenizer's ids on pretrained weights by default: `tokenizer` must be given."""
+    from conftest import make_model
+
+    from emu_lightning.model import EmuModel
+
+    saved_model(tmp_path)
+    plain = make_model()
+    with pytest.raises(ValueError, match="pretrained weights from .* but `tokenizer` is not set"):
+        EmuModel(plain.vision, plain.resampler, HFCausalLM(pretrained_path=str(tmp_path)))

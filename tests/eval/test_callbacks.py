@@ -23,7 +23,7 @@ def fit_with(tmp_path, callback, steps=2):
 
 
 def test_vqa_eval_runs_in_a_tiny_fit_and_in_validate(tmp_path):
-    cb = VQAEval(every_n_steps=1, shots=[0, 2], seeds=[0, 1], num_queries=12, shapesworld_support=4,
+    cb = VQAEval(every_n_steps=1, shots=[0, 2], seeds=[0, 1], num_queries=12, shapesworld=True, shapesworld_support=4,
                  generation={"max_new_tokens": 2}, strict=True)  # fmt: skip
     trainer, model, dm = fit_with(tmp_path, cb)
     # every 1 step (steps 1, 2) and at the validation run at step 2
@@ -41,7 +41,7 @@ def test_vqa_eval_runs_in_a_tiny_fit_and_in_validate(tmp_path):
 
 
 def test_captioning_eval_with_rices_and_text_only_zero_shot(tmp_path):
-    cb = CaptioningEval(shots=[0, 2], num_queries=4, shapesworld_support=10, selection="rices",
+    cb = CaptioningEval(shots=[0, 2], num_queries=4, shapesworld=True, shapesworld_support=10, selection="rices",
                         zero_shot_text_demos=2, generation={"max_new_tokens": 4}, strict=True)  # fmt: skip
     fit_with(tmp_path, cb)
     (result,) = cb.history
@@ -92,7 +92,7 @@ def fit_generator(tmp_path, model, callback):
 
 def test_text_to_image_eval_scores_a_perfect_and_a_noise_generator(tmp_path):
     good = TextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, steps=3, guidance_scale=2.0,
-                           strict=True)  # fmt: skip
+                           shapesworld=True, strict=True)  # fmt: skip
     model = SceneRenderer()
     fit_generator(tmp_path / "good", model, good)
     (result,) = good.history
@@ -103,7 +103,7 @@ def test_text_to_image_eval_scores_a_perfect_and_a_noise_generator(tmp_path):
     assert list((tmp_path / "good").rglob("text_to_image-step0000002.png"))
     assert list((tmp_path / "good").rglob("fid_stats/*.npz"))
 
-    bad = TextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, strict=True,
+    bad = TextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, strict=True, shapesworld=True,
                           stats_cache_dir=str(next((tmp_path / "good").rglob("fid_stats"))))  # fmt: skip
     fit_generator(tmp_path / "bad", SceneRenderer(noise=True), bad)
     (noisy,) = bad.history
@@ -112,7 +112,7 @@ def test_text_to_image_eval_scores_a_perfect_and_a_noise_generator(tmp_path):
 
 
 def test_text_to_image_eval_skips_models_without_generate_image(tmp_path):
-    cb = TextToImageEval(every_n_steps=1, on_validation=False, strict=True)
+    cb = TextToImageEval(every_n_steps=1, on_validation=False, strict=True, shapesworld=True)
     with pytest.warns(UserWarning, match="no generate_image or no decoder"):  # an EmuModel without a decoder
         fit_with(tmp_path, cb)
     assert cb.history == []
@@ -162,3 +162,16 @@ def test_eval_arguments_from_the_command_line(tmp_path):
     assert all(c.num_queries == 3 for c in evals)
     with pytest.raises(ValueError, match=r"unknown keys \['shot'\]"):
         evals[0].override(shot=[1])
+
+
+def test_evaluations_need_their_data_or_an_explicit_shapesworld():
+    """A real `validate` without data paths must not quietly score the toy world."""
+    for make, what in (
+        (CaptioningEval, "karpathy_json"),
+        (VQAEval, "questions_json"),
+        (TextToImageEval, "captions_json"),
+    ):
+        with pytest.raises(ValueError, match=f"needs {what} .*or shapesworld: true"):
+            make()
+        with pytest.raises(ValueError, match=f"got {what} and shapesworld: true"):
+            make(**{what: "data.json", "shapesworld": True})

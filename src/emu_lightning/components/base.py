@@ -60,6 +60,9 @@ class LanguageModel(L.LightningModule):
     """A causal language model that also regresses the next visual embedding."""
 
     hidden_size: int
+    pretrained_path: str | None = None
+    """Where pretrained weights were loaded from (``None``: trained from scratch). A pretrained model needs the
+    tokenizer it was trained with: EmuModel refuses to pair it with the built-in ShapesWorld one."""
 
     def embed(self, ids: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

@@ -5,7 +5,8 @@ per number of shots (``eval/<task>_<k>shot``, with ``_std`` over seeds), and wri
 table per step to ``<run dir>/eval/``, with sample predictions beside references. Under DDP each rank
 predicts a strided shard of the queries (no padding duplicates), the predictions are gathered, and every
 rank scores the same union; demonstrations depend only on (seed, query), never on the number of ranks.
-With no data files given, a ShapesWorld set in the real on-disk format is written into the run folder.
+Each reads its data files, or with ``shapesworld: true`` writes a ShapesWorld set in the same on-disk format into
+the run folder; one of them must be given.
 """
 
 from __future__ import annotations
@@ -184,12 +185,13 @@ class CaptioningEval(FewShotEval):
     """Zero-/few-shot captioning scored with CIDEr (x100), from COCO Karpathy files or ShapesWorld.
 
     Args:
-        karpathy_json: Karpathy's ``dataset_coco.json``; ``None`` writes a ShapesWorld set in that format.
+        karpathy_json: Karpathy's ``dataset_coco.json``.
         image_root: folder the Karpathy ``filepath/filename`` entries are relative to.
         annotations_json: COCO captions annotation file for the evaluated split's references (optional; e.g.
             ``captions_val2014.json`` for Karpathy's test split). Demonstrations use the Karpathy file's sentences.
         split: evaluated split (``test``).
         support_split: where demonstrations come from (``train``).
+        shapesworld: instead of files, write a ShapesWorld set in Karpathy's format into the run folder.
         shapesworld_support: ShapesWorld training images written for demonstrations.
         kwargs: the schedule and prompt options of :class:`FewShotEval`.
     """
@@ -205,10 +207,12 @@ class CaptioningEval(FewShotEval):
         annotations_json: str | None = None,
         split: str = "test",
         support_split: str = "train",
+        shapesworld: bool = False,
         shapesworld_support: int = 200,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _data_or_shapesworld("CaptioningEval", karpathy_json, "karpathy_json", shapesworld)
         self.files = (karpathy_json, image_root, annotations_json)
         self.split, self.support_split, self.shapesworld_support = split, support_split, shapesworld_support
 
@@ -237,7 +241,7 @@ class VQAEval(FewShotEval):
     OK-VQA and VizWiz share the format.
 
     Args:
-        questions_json: evaluated questions; ``None`` writes ShapesWorld sets in the VQAv2 format.
+        questions_json: evaluated questions.
         annotations_json: their annotations (answers).
         image_root: folder of the evaluated images.
         image_template: image file name from ``image_id``.
@@ -245,6 +249,7 @@ class VQAEval(FewShotEval):
         support_annotations_json: their annotations.
         support_image_root: folder of the support images.
         support_image_template: support image file name from ``image_id``.
+        shapesworld: instead of files, write ShapesWorld sets in the VQAv2 format into the run folder.
         shapesworld_support: ShapesWorld training images (6 questions each) written for demonstrations.
         kwargs: the schedule and prompt options of :class:`FewShotEval`.
     """
@@ -264,10 +269,12 @@ class VQAEval(FewShotEval):
         support_annotations_json: str | None = None,
         support_image_root: str | None = None,
         support_image_template: str = "COCO_train2014_{image_id:012d}.jpg",
+        shapesworld: bool = False,
         shapesworld_support: int = 50,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _data_or_shapesworld("VQAEval", questions_json, "questions_json", shapesworld)
         self.query_files = (questions_json, annotations_json, image_root, image_template)
         self.support_files = (support_questions_json, support_annotations_json, support_image_root,
                               support_image_template)  # fmt: skip
@@ -301,9 +308,10 @@ class TextToImageEval(ScheduledEval):
         on_validation: evaluate at the end of each validation run.
         num_prompts: captions to draw (the COCO-30k protocol uses 30,000), one per image, with ``seed``.
         seed: seed of the draw.
-        captions_json: COCO captions annotation file (``captions_val2014.json``); ``None``: ShapesWorld val scenes.
+        captions_json: COCO captions annotation file (``captions_val2014.json``).
         image_root: folder of the real images for ``captions_json``.
         image_template: real image file name from ``image_id``.
+        shapesworld: instead of files, draw ShapesWorld's validation scenes (their captions and images).
         real_size: side the real images are resized to (the COCO protocol: 256).
         guidance_scale: classifier-free guidance scale passed to ``generate_image``.
         steps: diffusion sampling steps passed to ``generate_image``.
@@ -323,6 +331,7 @@ class TextToImageEval(ScheduledEval):
         captions_json: str | None = None,
         image_root: str | None = None,
         image_template: str = "COCO_val2014_{image_id:012d}.jpg",
+        shapesworld: bool = False,
         real_size: int = 256,
         guidance_scale: float = 7.5,
         steps: int = 50,
@@ -333,6 +342,7 @@ class TextToImageEval(ScheduledEval):
         strict: bool = False,
     ) -> None:
         super().__init__(every_n_steps, on_validation, strict)
+        _data_or_shapesworld("TextToImageEval", captions_json, "captions_json", shapesworld)
         self.num_prompts, self.seed, self.batch_size = num_prompts, seed, batch_size
         self.captions_json, self.image_root, self.image_template = captions_json, image_root, image_template
         self.real_size, self.guidance_scale, self.steps = real_size, guidance_scale, steps
@@ -443,6 +453,14 @@ class TextToImageEval(ScheduledEval):
             save_image(fake[:64], folder / f"text_to_image-step{step:07d}.png", nrow=8)
             (folder / f"text_to_image-step{step:07d}.json").write_text(json.dumps(results, indent=2, default=str))
         return results
+
+
+def _data_or_shapesworld(name: str, given: str | None, what: str, shapesworld: bool) -> None:
+    """Exactly one source of evaluation data: the real files or, explicitly, the built-in ShapesWorld set."""
+    if given is None and not shapesworld:
+        raise ValueError(f"{name} needs {what} (your data files), or shapesworld: true for the built-in toy set")
+    if given is not None and shapesworld:
+        raise ValueError(f"{name} got {what} and shapesworld: true; give one of them")
 
 
 def _world(trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
