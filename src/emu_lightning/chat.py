@@ -48,8 +48,8 @@ def parse_turn(text: str, image_size: int, num_frames: int = 8) -> list[Any]:
     """A user's text to items: inline image and video paths become ``(3, S, S)`` / ``(F, 3, S, S)`` tensors."""
     import av
 
-    from emu_lightning.data.coco import load_image
     from emu_lightning.data.webvid import VideoError, read_clip
+    from emu_lightning.images import ImageTransform
 
     items: list[Any] = []
     last = 0
@@ -63,7 +63,7 @@ def parse_turn(text: str, image_size: int, num_frames: int = 8) -> list[Any]:
             hint = "" if match.group(3) is None else " (quote a path that holds spaces)"
             raise MediaError(f"no such file: {str(path)!r}{hint}")
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            image = load_image(path, image_size)
+            image = ImageTransform(image_size).load(path)
             if image is None:
                 raise MediaError(f"cannot read image {str(path)!r}")
             items.append(image)

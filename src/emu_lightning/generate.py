@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from emu_lightning.checkpoints import CheckpointError
-from emu_lightning.data.coco import load_image
+from emu_lightning.images import ImageTransform
 from emu_lightning.model import EmuModel
 
 
 def _image(path: str, size: int) -> torch.Tensor:
-    image = load_image(path, size)
+    image = ImageTransform(size).load(path)
     if image is None:
         raise SystemExit(f"cannot read image {path!r}")
     return image

@@ -164,7 +164,7 @@ def _png_bytes():
     return out.getvalue()
 
 
-def test_decode_image_converts_modes_and_crops_the_centre():
+def test_decode_image_converts_modes_and_squashes_the_whole_picture():
     assert decode_image(encoded_png := _png_bytes(), 4).dtype == torch.uint8 and len(encoded_png) > 0
 
     def decode(data, size):
@@ -181,10 +181,13 @@ def test_decode_image_converts_modes_and_crops_the_centre():
     assert torch.equal(transparent, torch.ones(3, 8, 8))  # transparent pixels over white
     palette = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P")
     assert torch.equal(decode(encoded(palette), 8)[:, 0, 0], torch.tensor([0.0, 0.0, 1.0]))
-    stripes = np.zeros((20, 60, 3), np.uint8)  # red | green | blue, 20 px each: the centre crop is green
+    # red | green | blue, 20 px each: the whole picture is resized to the square (as Emu's released inference does,
+    # no crop), so all three stripes remain, a third of the width each
+    stripes = np.zeros((20, 60, 3), np.uint8)
     stripes[:, :20, 0], stripes[:, 20:40, 1], stripes[:, 40:, 2] = 255, 255, 255
-    centre = decode(encoded(Image.fromarray(stripes)), 20)
-    assert torch.equal(centre, torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand(3, 20, 20))
+    squashed = decode(encoded(Image.fromarray(stripes)), 21)
+    for channel, columns in ((0, slice(0, 5)), (1, slice(9, 12)), (2, slice(16, 21))):
+        assert squashed[channel, :, columns].min() > 0.95 and squashed[:, :, columns].sum(0).max() < 1.1
     upscaled = decode(encoded(Image.fromarray(stripes), "WEBP"), 40)
     assert upscaled.shape == (3, 40, 40) and 0.0 <= upscaled.min() and upscaled.max() <= 1.0
 

@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from emu_lightning.images import ImageTransform
+
 
 def on_meta_device() -> bool:
     """True while modules are being built under ``torch.device("meta")`` (``inspect``): skip weight loading."""
@@ -28,6 +30,11 @@ class VisionBackbone(L.LightningModule):
     out_dim: int
     num_tokens: int
     image_size: int
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        """How pictures become this backbone's input (every reader, evaluation, chat and generation uses it)."""
+        return ImageTransform(self.image_size)
 
     def forward(self, pixels: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

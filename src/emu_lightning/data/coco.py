@@ -7,14 +7,12 @@ The captioning evaluation scores ``split == "test"`` and draws demonstrations fr
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
 from torch import Tensor
+
+from emu_lightning.images import ImageTransform
 
 
 @dataclass(frozen=True)
@@ -78,15 +76,7 @@ def read_karpathy(
 
 
 def load_image(path: str | Path, image_size: int) -> Tensor | None:
-    """An RGB image as a ``(3, S, S)`` tensor in ``[0, 1]`` (bicubic resize), or ``None`` with a warning when the
-    file is missing or does not decode, so an evaluation can count the skip and go on."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.BICUBIC)
-            array = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as err:
-        warnings.warn(f"skipping image {str(path)!r}: {err}", stacklevel=2)
-        return None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    """An image file as a ``(3, S, S)`` float tensor in ``[0, 1]`` through the library's one image transform
+    (:class:`emu_lightning.images.ImageTransform`), or ``None`` with a warning when the file is missing or does not
+    decode, so an evaluation can count the skip and go on."""
+    return ImageTransform(image_size).load(path)

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 from webdataset import TarWriter
@@ -38,6 +37,7 @@ from webdataset.tariterators import base_plus_ext, tar_file_iterator
 from emu_lightning.data.modules import StreamingDataModule
 from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls, shuffled
 from emu_lightning.data.world import ShapesWorld
+from emu_lightning.images import ImageTransform
 from emu_lightning.sequence import SequenceBuilder
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -47,34 +47,11 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparent pixels over white (img2dataset's alpha matting) rather than their hidden colour."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    return image.convert("RGB")
-
-
-def fit_shorter_side(width: int, height: int, size: int) -> tuple[int, int]:
-    """The ``(width, height)`` that scales the shorter side to ``size``, keeping the aspect ratio."""
-    scale = size / min(width, height)
-    return max(size, round(width * scale)), max(size, round(height * scale))
-
-
 def decode_image(data: bytes, image_size: int) -> Tensor:
-    """Decode image bytes into a ``(3, S, S)`` uint8 RGB tensor: the shorter side is resized to ``S`` (bicubic),
-    then the centre square is cropped. Raises whatever PIL raises on broken bytes.
-
-    uint8, not float: a quarter of the bytes to hand from a DataLoader worker to the training process; the
-    model scales images to ``[0, 1]`` on its device (:func:`emu_lightning.sequence.to_unit_range`)."""
-    with Image.open(io.BytesIO(data)) as opened:
-        opened.load()  # decode now, so truncated or corrupt bytes fail here
-        image = _to_rgb(opened)
-    if min(image.size) != image_size:
-        image = image.resize(fit_shorter_side(*image.size, image_size), Image.Resampling.BICUBIC)
-    left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    """Decode image bytes into a ``(3, S, S)`` uint8 RGB tensor with the library's one image transform
+    (:class:`emu_lightning.images.ImageTransform`: the whole picture resized to the square, bicubic). Raises whatever
+    PIL raises on broken bytes."""
+    return ImageTransform(image_size).decode(data)
 
 
 @contextmanager

@@ -32,9 +32,9 @@ from PIL import Image
 from torch import Tensor
 
 from emu_lightning.data.modules import StreamingDataModule
-from emu_lightning.data.pairs import fit_shorter_side
 from emu_lightning.data.streaming import Skip, StreamingSource, empty_source
 from emu_lightning.data.world import BACKGROUND, ShapesWorld
+from emu_lightning.images import ImageTransform
 from emu_lightning.sequence import SequenceBuilder
 
 REQUIRED_COLUMNS = ("videoid", "page_dir", "name")
@@ -53,19 +53,10 @@ class VideoError(Exception):
 
 
 # ---------------------------------------------------------------------- pixels
-def centre_crop(rgb: np.ndarray, size: int) -> Tensor:
-    """The central ``size x size`` crop of an ``(H, W, 3)`` uint8 array as a ``(3, S, S)`` uint8 tensor (the model
-    scales it to [0, 1] on its device, as :func:`~emu_lightning.data.pairs.decode_image`'s images)."""
-    top, left = (rgb.shape[0] - size) // 2, (rgb.shape[1] - size) // 2
-    crop = np.ascontiguousarray(rgb[top : top + size, left : left + size])
-    return torch.from_numpy(crop).permute(2, 0, 1).contiguous()
-
-
 def frame_to_tensor(frame: av.VideoFrame, size: int) -> Tensor:
-    """A decoded frame in RGB, its shorter side resized to ``size`` (area filter), centre-cropped."""
-    width, height = fit_shorter_side(frame.width, frame.height, size)
-    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
-    return centre_crop(rgb, size)
+    """A decoded frame as a ``(3, S, S)`` uint8 tensor, through the library's one image transform
+    (:class:`emu_lightning.images.ImageTransform`: the whole frame resized to the square, bicubic)."""
+    return ImageTransform(size).frame(frame.to_ndarray(format="rgb24"))
 
 
 # ---------------------------------------------------------------------- times
