@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,41 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+class DataAccounting(Callback):
+    """Counts, in every training batch, the samples the streaming readers skipped (per source and reason) and the
+    samples cut at ``max_length``; logs the running totals (``data/skipped/<source>/<reason>``, ``data/truncated``)
+    and prints them when the fit ends. EmuModel adds it to every fit (``configure_callbacks``)."""
+
+    def __init__(self) -> None:
+        self.skipped: dict[str, Counter] = {}
+        """Samples the streaming readers skipped in this process's training batches, per source and reason."""
+        self.truncated = 0
+        """Training samples cut at ``max_length`` in this process (their end, e.g. late turns, is not trained)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        from emu_lightning.data.streaming import batch_skips
+
+        if not isinstance(batch, dict):
+            return
+        for source, reasons in batch_skips(batch).items():
+            total = self.skipped.setdefault(source, Counter())
+            total.update(reasons)
+            for reason in reasons:
+                pl_module.log(f"data/skipped/{source}/{reason}", float(total[reason]), reduce_fx="max", batch_size=1)
+        if "truncated" in batch and bool(batch["truncated"].any()):
+            self.truncated += int(batch["truncated"].sum())
+            pl_module.log("data/truncated", float(self.truncated), reduce_fx="max", batch_size=1)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        from emu_lightning.data.streaming import format_skips
+
+        if self.skipped and trainer.is_global_zero:
+            print(f"samples skipped by the data readers on rank 0:\n{format_skips(self.skipped)}", flush=True)
+        if self.truncated and trainer.is_global_zero:
+            max_length = getattr(pl_module, "max_length", None)
+            print(f"training samples truncated at max_length {max_length} on rank 0: {self.truncated}")
 
 
 class FinalCheckpoint(Callback):

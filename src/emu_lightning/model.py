@@ -8,7 +8,6 @@ embeddings of the image, then the ``[/IMG]`` embedding (Q + 1 targets per image)
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from torch import Tensor
 
 from emu_lightning.checkpoints import EMU, LIGHTNING, load_checkpoint
 from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
-from emu_lightning.data.streaming import batch_skips, format_skips
 from emu_lightning.inference import EmuInference
 from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder, to_unit_range
 from emu_lightning.tokenizer import (
@@ -113,10 +111,6 @@ class EmuModel(EmuInference, L.LightningModule):
         self._check_widths()
         self.lr_multipliers = _check_names(lr_multipliers or {}, "lr_multipliers")
         self.checkpoint_step: int | None = None  # set when weights come from a checkpoint
-        self.data_skips: dict[str, Counter] = {}
-        """Samples the streaming readers skipped in this process's training batches, per source and reason."""
-        self.data_truncated = 0
-        """Training samples cut at ``max_length`` in this process (their end, e.g. late turns, is not trained)."""
         self.last_chat: dict[str, int] = {}
         """What the last :meth:`chat` call did to fit the context: ``dropped_turns``, ``prompt_tokens``."""
         self._uncondition: Tensor | None = None  # the decoder stage's unconditional branch, computed once per fit
@@ -353,26 +347,13 @@ class EmuModel(EmuInference, L.LightningModule):
         losses = self.stage_losses(batch)
         n = batch["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=n)
-        self._count_skips(batch)
-        if "truncated" in batch and bool(batch["truncated"].any()):
-            self.data_truncated += int(batch["truncated"].sum())
-            self.log("data/truncated", float(self.data_truncated), reduce_fx="max", batch_size=1)
         return losses["loss"]
 
-    def _count_skips(self, batch: dict[str, Any]) -> None:
-        """Add the batch's skipped-sample counts (streaming sources) to :attr:`data_skips` and log the totals
-        as ``data/skipped/<source>/<reason>``."""
-        for source, reasons in batch_skips(batch).items():
-            total = self.data_skips.setdefault(source, Counter())
-            total.update(reasons)
-            for reason in reasons:
-                self.log(f"data/skipped/{source}/{reason}", float(total[reason]), reduce_fx="max", batch_size=1)
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Every fit counts skipped and truncated samples (:class:`~emu_lightning.callbacks.DataAccounting`)."""
+        from emu_lightning.callbacks import DataAccounting
 
-    def on_fit_end(self) -> None:
-        if self.data_skips and self.trainer.is_global_zero:
-            print(f"samples skipped by the data readers on rank 0:\n{format_skips(self.data_skips)}", flush=True)
-        if self.data_truncated and self.trainer.is_global_zero:
-            print(f"training samples truncated at max_length {self.max_length} on rank 0: {self.data_truncated}")
+        return [DataAccounting()]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self.stage_losses(batch)

@@ -268,6 +268,7 @@ def test_training_logs_the_skipped_samples_per_source_and_reason(tmp_path, capsy
                         enable_model_summary=False, limit_val_batches=0)  # fmt: skip
     trainer.fit(model, dm)
     # two passes over the shard's 12 samples (10 usable) in two batches of 10: each pass's skips counted once
-    assert model.data_skips == {"pairs": {"corrupt_image": 2, "empty_caption": 2}}
+    (accounting,) = [c for c in trainer.callbacks if type(c).__name__ == "DataAccounting"]
+    assert accounting.skipped == {"pairs": {"corrupt_image": 2, "empty_caption": 2}}
     assert trainer.callback_metrics["data/skipped/pairs/corrupt_image"] == 2
     assert "pairs: 4 skipped (corrupt_image: 2, empty_caption: 2)" in capsys.readouterr().out
