@@ -151,7 +151,7 @@ def load_model(path: str, merge: bool = True) -> Any:
         model = EmuModel.load_from_checkpoint(path, map_location="cpu")
     except CheckpointError as err:
         raise SystemExit(f"error: {err}") from None
-    if merge and getattr(model.llm, "has_lora", False):
+    if merge and model.llm.has_lora:
         model.merge_lora()
     return model.eval()
 

@@ -141,7 +141,7 @@ class EmuInference:
 
     def merge_lora(self) -> EmuInference:
         """Merge the language model's LoRA adapters into its weights for inference (see ``HFCausalLM.merge_lora``)."""
-        if not getattr(self.llm, "has_lora", False):
+        if not self.llm.has_lora:
             raise ValueError("this EmuModel's language model has no LoRA adapters to merge")
         self.llm.merge_lora()
         return self
@@ -186,8 +186,7 @@ class EmuInference:
         return torch.cat(preds, dim=1)
 
     def llm_max_positions(self) -> int:
-        config = getattr(getattr(self.llm, "model", None), "config", None)
-        return int(getattr(config, "max_position_embeddings", None) or 10**9)
+        return int(self.llm.max_positions or 10**9)
 
     def regress_image_embeddings(self, prompts: Sequence[Any], use_cache: bool = True) -> Tensor:
         """The Q visual embeddings Emu regresses after each interleaved prompt followed by ``[IMG]``: ``(B, Q, D)``.

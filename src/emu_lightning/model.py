@@ -124,8 +124,12 @@ class EmuModel(EmuInference, L.LightningModule):
             frozen = sorted({*(frozen or []), "vision", "resampler", "llm"})  # only the decoder trains
         if stage == "instruct":  # only the language model trains (its adapters, when it has LoRA)
             frozen = sorted({*(frozen or []), "vision", "resampler", *(["decoder"] if decoder is not None else [])})
-        if decoder_sketch_fit < 0 or (decoder_sketch_fit and not hasattr(decoder, "fit_sketch")):
-            raise ValueError("decoder_sketch_fit must be >= 0 and needs a decoder with fit_sketch (DiffusionDecoder)")
+        fits = decoder is not None and decoder.fits_before_training
+        if decoder_sketch_fit < 0 or (decoder_sketch_fit and not fits):
+            raise ValueError(
+                "decoder_sketch_fit must be >= 0 and needs a decoder that fits before training (a DiffusionDecoder "
+                "with a linear spatial map and sketch_weight > 0)"
+            )
         self.stage, self.decoder_condition, self.decoder_sketch_fit = stage, decoder_condition, decoder_sketch_fit
         self.frozen = list(_check_names({n: 0 for n in frozen or []}, "frozen"))
         for name in self.frozen:
@@ -198,9 +202,9 @@ class EmuModel(EmuInference, L.LightningModule):
         if tuple(out.shape[1:]) != (r.num_queries, r.out_dim):
             raise ValueError(f"resampler returned {tuple(out.shape[1:])}, expected ({r.num_queries}, {r.out_dim})")
         dec = self.decoder
-        if dec is not None and getattr(dec, "cond_dim", r.out_dim) != r.out_dim:
+        if dec is not None and dec.cond_dim != r.out_dim:
             raise ValueError(f"decoder cond_dim {dec.cond_dim} does not match the visual embeddings' width {r.out_dim}")
-        if dec is not None and getattr(dec, "num_queries", None) not in (None, r.num_queries):
+        if dec is not None and dec.num_queries not in (None, r.num_queries):
             raise ValueError(
                 f"decoder num_queries {dec.num_queries} does not match the resampler's {r.num_queries} embeddings"
             )
@@ -327,10 +331,9 @@ class EmuModel(EmuInference, L.LightningModule):
             x, c = self.decoder_inputs(batch)
             images.append(x)
             conditions.append(c)
-        mse = self.decoder.fit_sketch(torch.cat(conditions), torch.cat(images))
-        fitted = [m for m in (self.decoder.spatial, self.decoder.condition_norm) if m is not None]
+        mse, fitted = self.decoder.fit_before_training(torch.cat(conditions), torch.cat(images))
         with torch.no_grad():  # every rank fitted on its own batches: all start from rank 0's solution
-            for tensor in (t for m in fitted for t in m.state_dict().values()):
+            for tensor in fitted:
                 tensor.copy_(self.trainer.strategy.broadcast(tensor, src=0))
         rank_zero_info(f"decoder sketch fitted in closed form on {sum(len(x) for x in images)} pairs (MSE {mse:.4f})")
 

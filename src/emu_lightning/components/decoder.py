@@ -403,6 +403,16 @@ class DiffusionDecoder(VisualDecoder):
         finally:
             self.train(was_training)
 
+    @property
+    def fits_before_training(self) -> bool:
+        return self.spatial is not None and len(self.spatial.proj) == 1 and self.sketch_weight > 0
+
+    def fit_before_training(self, condition: Tensor, images: Tensor) -> tuple[float, list[Tensor]]:
+        """:meth:`fit_sketch`; the tensors set are the spatial map's and the condition norm's."""
+        mse = self.fit_sketch(condition, images)
+        fitted = [m for m in (self.spatial, self.condition_norm) if m is not None]
+        return mse, [t for m in fitted for t in m.state_dict().values()]
+
     @torch.no_grad()
     def fit_sketch(self, condition: Tensor, images: Tensor, ridge: float = 1e-2) -> float:
         """Solve the spatial map's sketch channels in closed form: the ridge regression from the normalised,

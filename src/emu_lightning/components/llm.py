@@ -196,6 +196,10 @@ class HFCausalLM(LanguageModel):
 
     # ------------------------------------------------------------------ vocabulary
     @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
     def vocab_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[0]
 
