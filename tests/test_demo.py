@@ -60,7 +60,7 @@ def test_decoder_stage_demo_then_generate_from_the_command_line(tmp_path, capsys
     fast = tmp_path / "fast.yaml"  # a few prompts and sampling steps, so the test stays quick
     fast.write_text(
         "trainer:\n  callbacks:\n    - class_path: emu_lightning.eval.callbacks.TextToImageEval\n"
-        "      init_args: {num_prompts: 8, steps: 2, guidance_scale: 3.0}\n"
+        "      init_args: {shapesworld: true, num_prompts: 8, steps: 2, guidance_scale: 3.0}\n"
     )
     results = demo.main(
         [

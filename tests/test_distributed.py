@@ -28,9 +28,11 @@ trainer:
     - class_path: emu_lightning.callbacks.FinalCheckpoint
       init_args: {path: final.ckpt}
     - class_path: emu_lightning.eval.callbacks.CaptioningEval
-      init_args: {shots: [0, 2], seeds: [0], num_queries: 10, shapesworld_support: 12, generation: {max_new_tokens: 6}}
+      init_args: {shapesworld: true, shots: [0, 2], seeds: [0], num_queries: 10, shapesworld_support: 12,
+                  generation: {max_new_tokens: 6}}
     - class_path: emu_lightning.eval.callbacks.VQAEval
-      init_args: {shots: [0, 2], seeds: [0], num_queries: 10, shapesworld_support: 4, generation: {max_new_tokens: 3}}
+      init_args: {shapesworld: true, shots: [0, 2], seeds: [0], num_queries: 10, shapesworld_support: 4,
+                  generation: {max_new_tokens: 3}}
 data:
   class_path: emu_lightning.data.MixtureDataModule
   init_args:
