@@ -174,3 +174,23 @@ def test_tokenizer_travels_with_the_checkpoint(tiny_model):
     other.on_load_checkpoint(ckpt)
     assert other.tokenizer.get_vocab() == tiny_model.tokenizer.get_vocab()
     assert other.sequencer.image_id == tiny_model.image_id
+
+
+def test_the_schedule_length_is_the_trainers(tmp_path):
+    """`WarmupCosine` without `max_steps` decays to the trainer's max_steps: a config says the run's length once."""
+    import functools
+
+    import lightning as L
+
+    from emu_lightning.data.modules import ShapesWorldDataModule
+    from emu_lightning.schedules import WarmupCosine
+
+    model = make_model(scheduler=functools.partial(WarmupCosine, warmup_steps=2, min_ratio=0.0))
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, ShapesWorldDataModule(image_size=16, batch_size=2, train_size=16, val_size=2))
+    (scheduler,) = trainer.lr_scheduler_configs
+    assert scheduler.scheduler.max_steps == 6
+    assert [round(scheduler.scheduler.factor(s), 3) for s in range(7)] == [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
+    with pytest.raises(ValueError, match="must be >= 1"):
+        WarmupCosine(torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0)

@@ -21,6 +21,7 @@ from torch import Tensor
 from emu_lightning.checkpoints import EMU, LIGHTNING, load_checkpoint
 from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
 from emu_lightning.inference import EmuInference
+from emu_lightning.schedules import WarmupCosine
 from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder, to_unit_range
 from emu_lightning.tokenizer import (
     EMU_TOKENS,
@@ -389,6 +390,8 @@ class EmuModel(EmuInference, L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.max_steps is None:  # the run's length, said once
+            scheduler.max_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
