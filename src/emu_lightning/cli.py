@@ -20,7 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-from emu_lightning.callbacks import PreemptionCheckpoint
+from emu_lightning.callbacks import FinalCheckpoint, PreemptionCheckpoint
 from emu_lightning.checkpoints import EMU, CheckpointError, SafeCheckpointIO, load_checkpoint
 from emu_lightning.model import COMPONENTS, TOKENIZER_FROM_CHECKPOINT, EmuModel
 
@@ -114,10 +114,16 @@ class EmuCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Lightning's trainer, plus what every run of this library has: a resumable checkpoint on SIGTERM
-        (:class:`~emu_lightning.callbacks.PreemptionCheckpoint`) and checkpoints read with ``weights_only=True``
+        """Lightning's trainer, plus what every run of this library has (a config lists its own to change them): a
+        resumable checkpoint on SIGTERM (:class:`~emu_lightning.callbacks.PreemptionCheckpoint`), the final weights at
+        ``<root>/final.ckpt`` (:class:`~emu_lightning.callbacks.FinalCheckpoint`), ``last.ckpt`` beside Lightning's
+        checkpoints, and checkpoints read with ``weights_only=True``
         (:class:`~emu_lightning.checkpoints.SafeCheckpointIO`)."""
         trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, FinalCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(FinalCheckpoint())
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.save_last is None:
+            trainer.checkpoint_callback.save_last = True
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         overrides = config.get("eval") if config is not None else None
         if overrides:
