@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             for decoding in args.decoding:
                 for shots in args.shots:
                     callback = make(shots=[shots], seeds=[0], num_queries=args.queries, batch_size=16,
-                                    generation=DECODING[task][decoding], strict=True)  # fmt: skip
+                                    generation=DECODING[task][decoding], strict=True, shapesworld=True)  # fmt: skip
                     root = Path(tmp) / f"{task}-{decoding}-{shots}"
                     record = measure(model, callback, root, args.repeats)
                     generation = callback.task.generation

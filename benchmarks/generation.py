@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/generation.py            # tiny (Q = 8) and small (Q = 32) models, ~1-2 min
     .venv/bin/python benchmarks/generation.py --quick    # tiny only, a smoke test
+    .venv/bin/python benchmarks/generation.py --ckpt runs/tiny/final.ckpt   # tiny starts from a pretrained run
+
+Needs no checkpoint: it runs on a fresh clone.
 
 Prints one JSON line per model.
 
@@ -9,8 +12,9 @@ Method (one process, fp32, ``torch.set_num_threads`` = the usable cores, random 
 depend on them):
 
 - Models: ``tiny`` is ``configs/tiny.yaml`` (LLM width 128, 3 layers, Q = 8) with its pixel-space
-  ``DiffusionDecoder``; ``small`` is ``benchmarks/train_throughput.py``'s small config (LLM of 52M
-  parameters, width 512, 16 layers, Q = 32).
+  ``DiffusionDecoder`` (``configs/stages/decoder.yaml``, whose ``model.init_checkpoint`` is replaced by
+  ``--ckpt``: none by default, so random weights and no ``make demo`` needed); ``small`` is
+  ``benchmarks/train_throughput.py``'s small config (LLM of 52M parameters, width 512, 16 layers, Q = 32).
 - Regression: ``EmuModel.regress_image_embeddings`` on ``--batch`` text prompts (held-out ShapesWorld
   captions naming each shape's position, as ``TextToImageEval`` prompts), with the KV cache (one LLM step
   per embedding) and without it (the paper's released code: the whole sequence runs again for each of the
@@ -55,9 +59,12 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def tiny_model() -> EmuModel:
+def tiny_model(ckpt: str | None = None) -> EmuModel:
     torch.manual_seed(0)
-    return cli(["--config", "configs/tiny.yaml", "--config", "configs/stages/decoder.yaml"], run=False).model
+    # The decoder stage starts from runs/tiny/final.ckpt (`make demo`); speed does not depend on the weights, so
+    # without --ckpt the model keeps its random initialisation and the benchmark runs on a fresh clone.
+    configs = ["--config", "configs/tiny.yaml", "--config", "configs/stages/decoder.yaml"]
+    return cli([*configs, f"--model.init_checkpoint={ckpt or 'null'}"], run=False).model
 
 
 def small_model() -> EmuModel:
@@ -105,17 +112,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps for decoding")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    p.add_argument("--ckpt", default=None, help="tiny: start from this EmuModel checkpoint (default: random weights)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.steps = 2, 5
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    models = [("tiny", tiny_model)] + ([] if args.quick else [("small", small_model)])
+    models = [("tiny", lambda: tiny_model(args.ckpt))] + ([] if args.quick else [("small", small_model)])
     policy = os.environ.get("OMP_WAIT_POLICY", "ACTIVE (default)")
     for name, build in models:
         record = bench(name, build(), args)
-        print(json.dumps({**record, "threads": threads, "omp_wait_policy": policy, "torch": torch.__version__}),
-              flush=True)  # fmt: skip
+        weights = args.ckpt if name == "tiny" and args.ckpt else "random"
+        extra = {"weights": weights, "threads": threads, "omp_wait_policy": policy, "torch": torch.__version__}
+        print(json.dumps({**record, **extra}), flush=True)
 
 
 if __name__ == "__main__":

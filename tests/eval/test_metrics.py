@@ -112,6 +112,18 @@ def test_cider_bad_input(monkeypatch):
         cider_score(PREDS, REFS)
 
 
+def test_cider_without_java_names_the_problem_and_the_fix(monkeypatch, tmp_path):
+    # No `java` on PATH (an empty folder is the whole PATH): a clear error before pycocoevalcap's subprocess call.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"CIDEr scoring needs Java") as info:
+        cider_score(PREDS, REFS)
+    message = str(info.value)
+    assert "`java`" in message and "not on PATH" in message
+    assert "openjdk-17-jre-headless" in message
+    with pytest.raises(RuntimeError, match="CIDEr scoring needs Java"):
+        cider(PREDS, REFS)
+
+
 # ------------------------------------------------------------------------------------------------------------ VQA
 
 

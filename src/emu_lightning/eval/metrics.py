@@ -94,8 +94,8 @@ def cider_score(predictions: Mapping[Any, str], references: Mapping[Any, Sequenc
     """
     if shutil.which("java") is None:
         raise RuntimeError(
-            "CIDEr needs Java for pycocoevalcap's PTBTokenizer, but `java` is not on PATH; install a JRE "
-            "(e.g. `apt-get install default-jre-headless`)"
+            "CIDEr scoring needs Java: pycocoevalcap's PTBTokenizer runs `java`, which is not on PATH. Install a "
+            "JRE and put `java` on PATH (e.g. `apt install openjdk-17-jre-headless`, or `default-jre-headless`)"
         )
     unknown = [k for k in predictions if k not in references]
     if unknown:
