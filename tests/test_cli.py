@@ -115,6 +115,7 @@ def test_unknown_component_class_is_a_clear_error(tmp_path, capsys):
     assert "NoSuchResampler" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end run through subprocesses (about a minute): `make test-slow`
 def test_tiny_fit_then_validate_from_the_command_line(tmp_path):
     """The real console entry point: a few training steps, a checkpoint, then `validate` from it."""
     root = tmp_path / "run"
@@ -178,6 +179,7 @@ def test_tiny_fit_then_validate_from_the_command_line(tmp_path):
     assert json.dumps(saved)  # plain data
 
 
+@pytest.mark.slow  # three stages end to end through subprocesses (over a minute): `make test-slow`
 def test_the_three_stages_chain_from_the_command_line_and_chat_answers(tmp_path):
     """README's order: pretrain, decoder, instruct, each starting from the previous stage's final.ckpt by its config
     key (relative paths, so everything lands under this test's folder); then `emu-lightning chat` answers."""

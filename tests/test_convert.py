@@ -255,11 +255,14 @@ def _base_tokenizer(root):
     return AutoTokenizer.from_pretrained(root / "llama")
 
 
-def test_the_command_lists_convert():
-    import subprocess
+def test_the_command_lists_convert(monkeypatch, capsys):
+    from emu_lightning.cli import main as command
 
-    out = subprocess.run([sys.executable, "-m", "emu_lightning.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "convert" in out.stdout and "chat" in out.stdout
+    monkeypatch.setattr(sys, "argv", ["emu-lightning", "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        command()
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "convert" in out and "chat" in out and "fit" in out
 
 
 def test_training_starts_from_a_converted_checkpoint_without_the_original_files(released, tmp_path):
