@@ -8,6 +8,7 @@ embeddings of the image, then the ``[/IMG]`` embedding (Q + 1 targets per image)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,11 @@ class EmuModel(EmuInference, L.LightningModule):
 
     Args:
         vision: the vision backbone (``class_path`` in YAML swaps it).
-        resampler: maps visual tokens to Q embeddings in the LLM's width.
+        resampler: maps visual tokens to Q embeddings in the LLM's width; in YAML its ``in_dim`` and ``out_dim`` may be
+            left out: they are the vision backbone's ``out_dim`` and the language model's ``hidden_size``.
         llm: the language model with its regression head.
-        decoder: the visual decoder (diffusion UNet) that turns regressed embeddings into pixels; optional.
+        decoder: the visual decoder (diffusion UNet) that turns regressed embeddings into pixels; optional. Its
+            ``cond_dim`` may be left out: it is the resampler's ``out_dim``.
         tokenizer: a local tokenizer folder; ``None`` trains the built-in ShapesWorld byte-level BPE. The
             tokenizer is stored inside every checkpoint, so inference does not need the folder;
             ``"<checkpoint>"`` (:data:`TOKENIZER_FROM_CHECKPOINT`) is the one of the checkpoint being loaded.
@@ -87,9 +90,9 @@ class EmuModel(EmuInference, L.LightningModule):
     def __init__(
         self,
         vision: VisionBackbone,
-        resampler: Resampler,
+        resampler: Resampler | Callable[[int, int], Resampler],
         llm: LanguageModel,
-        decoder: VisualDecoder | None = None,
+        decoder: VisualDecoder | Callable[[int], VisualDecoder] | None = None,
         tokenizer: str | None = None,
         max_length: int = 256,
         ce_weight: float = 1.0,
@@ -108,6 +111,10 @@ class EmuModel(EmuInference, L.LightningModule):
         super().__init__()
         given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
         self.save_hyperparameters(ignore=None if given is not None else [*COMPONENTS, "optimizer", "scheduler"])
+        if not isinstance(resampler, Resampler):  # widths said once: those of the components it connects
+            resampler = resampler(vision.out_dim, llm.hidden_size)
+        if decoder is not None and not isinstance(decoder, VisualDecoder):
+            decoder = decoder(resampler.out_dim)
         self.vision, self.resampler, self.llm, self.decoder = vision, resampler, llm, decoder
         self._check_widths()
         self.lr_multipliers = _check_names(lr_multipliers or {}, "lr_multipliers")
