@@ -116,14 +116,14 @@ def released(tmp_path_factory):
                 "model_name": "eva_giant_patch14_clip_224", "image_size": 28,
                 "model_kwargs": {"embed_dim": W, "depth": DEPTH, "num_heads": 2, "mlp_ratio": MLP / W}}},
             "resampler": {"class_path": "emu_lightning.components.resampler.CausalTransformer", "init_args": {
-                "in_dim": W, "out_dim": L, "num_queries": Q, "width": D, "depth": T5_LAYERS, "num_heads": T5_HEADS,
+                "num_queries": Q, "width": D, "depth": T5_LAYERS, "num_heads": T5_HEADS,
                 "ffn_dim": FF}},
             "llm": {"class_path": "emu_lightning.components.llm.HFCausalLM", "init_args": {"model_type": "llama",
                 "config": {"vocab_size": base, "hidden_size": L, "intermediate_size": INTER,
                            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
                            "max_position_embeddings": 256}}},
             "decoder": {"class_path": "emu_lightning.components.decoder.DiffusionDecoder", "init_args": {
-                "cond_dim": L, "image_size": 8, "pretrained": "not/converted/yet", "sample_scheduler": "PNDMScheduler",
+                "image_size": 8, "pretrained": "not/converted/yet", "sample_scheduler": "PNDMScheduler",
                 "num_queries": Q}},
             "tokenizer": str(root / "llama"),
             "max_length": 128,

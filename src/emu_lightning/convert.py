@@ -24,6 +24,7 @@ decoder (the released ``EmuGenerationPipeline`` folder), and ``tokenizer/``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from collections.abc import Iterable
@@ -301,8 +302,7 @@ def convert_released(
 
         spec = parsed["model"]["decoder"]
         spec = spec.as_dict() if isinstance(spec, Namespace) else dict(spec)
-        module, _, name = spec["class_path"].rpartition(".")
-        built_decoder = getattr(__import__(module, fromlist=[name]), name)(**spec.get("init_args", {}))
+        built_decoder = _build_decoder(spec, model.resampler.out_dim)
         state.update({f"decoder.{k}": v for k, v in built_decoder.state_dict().items()})
     _check_against(model, state, f"released {released.name}" + (f" + {decoder}" if decoder else ""), lora is not None)
     model_config = parsed["model"].as_dict()
@@ -327,6 +327,13 @@ def convert_released(
     torch.save(checkpoint, out)
     return {"out": str(out), "keys": len(state), "dropped": len(dropped), "lora": lora,
             "vocab": len(model.tokenizer), "decoder": decoder is not None}  # fmt: skip
+
+
+def _build_decoder(spec: dict[str, Any], cond_dim: int) -> Any:
+    """The decoder a config's ``class_path`` dict describes, for real; ``cond_dim`` (the visual embeddings' width)
+    where the config leaves it to EmuModel."""
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**{"cond_dim": cond_dim, **spec.get("init_args", {})})
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -356,8 +363,7 @@ def export_released(checkpoint: str | Path, out: str | Path, clip_embed_dim: int
     decoder_state = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     if decoder_state:
         spec = hparams["decoder"]
-        module, _, name = spec["class_path"].rpartition(".")
-        decoder = getattr(__import__(module, fromlist=[name]), name)(**spec.get("init_args", {}))
+        decoder = _build_decoder(spec, int(state["llm.regression_head.weight"].shape[0]))
         decoder.load_state_dict(decoder_state, strict=True)
         wrote += decoder.save_pretrained_parts(out)
     return {"out": str(out), "keys": len(released), "lora": lora, "wrote": wrote}
