@@ -125,12 +125,18 @@ import PIL
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-from emu_lightning.data.mmc4 import MMC4Documents, write_shapesworld_mmc4
-from emu_lightning.data.pairs import IMAGE_EXTENSIONS, ImageTextShards, decode_image, write_shapesworld_pairs
-from emu_lightning.data.storyboard import StoryboardVideos, even_subset, write_shapesworld_storyboard
+from emu_lightning.data.mmc4 import MMC4Documents
+from emu_lightning.data.pairs import IMAGE_EXTENSIONS, ImageTextShards, decode_image
+from emu_lightning.data.storyboard import StoryboardVideos, even_subset
 from emu_lightning.data.streaming import StreamingSource
-from emu_lightning.data.webvid import WebVidVideos, read_clip, write_shapesworld_webvid
-from emu_lightning.data.world import ShapesWorld
+from emu_lightning.data.webvid import WebVidVideos, read_clip
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import (
+    write_shapesworld_mmc4,
+    write_shapesworld_pairs,
+    write_shapesworld_storyboard,
+    write_shapesworld_webvid,
+)
 
 FORMATS = ("webdataset", "mmc4", "mmc4_tar", "webvid", "storyboard")
 UNITS = 8

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 
 from emu_lightning.cli import cli
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.model import EmuModel
+from emu_lightning.shapesworld.world import ShapesWorld
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:

@@ -51,8 +51,8 @@ import torch
 
 from emu_lightning.components.llm import LoRA
 from emu_lightning.conversation import conversation_items
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.model import EmuModel
+from emu_lightning.shapesworld.world import ShapesWorld
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import QUICK, SMALL, Config, build_model  # noqa: E402

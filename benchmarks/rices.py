@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from emu_lightning.components.vision import TimmVisionBackbone
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.eval.rices import RICES, features_from_vision_backbone
+from emu_lightning.shapesworld.world import ShapesWorld
 
 
 def emit(record: dict[str, Any]) -> None:

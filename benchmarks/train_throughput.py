@@ -75,9 +75,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from emu_lightning.components.llm import HFCausalLM
 from emu_lightning.components.resampler import PreNormCausalTransformer
 from emu_lightning.components.vision import TimmVisionBackbone
-from emu_lightning.data.modules import ShapesWorldPairs
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.model import EmuModel
+from emu_lightning.shapesworld import ShapesWorldPairs
+from emu_lightning.shapesworld.world import ShapesWorld
 
 aten = torch.ops.aten
 

@@ -6,11 +6,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from emu_lightning import shapesworld  # noqa: E402
 from emu_lightning.components.llm import HFCausalLM  # noqa: E402
 from emu_lightning.components.resampler import PreNormCausalTransformer  # noqa: E402
 from emu_lightning.components.vision import TimmVisionBackbone  # noqa: E402
 from emu_lightning.model import EmuModel  # noqa: E402
-from emu_lightning.tokenizer import load_tokenizer  # noqa: E402
+from emu_lightning.tokenizer import TrainedBPE  # noqa: E402
 
 TINY_LLM = dict(
     vocab_size=512,
@@ -25,7 +26,7 @@ TINY_LLM = dict(
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return load_tokenizer()
+    return shapesworld.tokenizer()
 
 
 def make_model(num_queries: int = 4, max_length: int = 64, lora=None, **kwargs) -> EmuModel:
@@ -35,6 +36,7 @@ def make_model(num_queries: int = 4, max_length: int = 64, lora=None, **kwargs) 
     )
     resampler = PreNormCausalTransformer(in_dim=32, out_dim=32, num_queries=num_queries, width=32, depth=1, num_heads=2)
     llm = HFCausalLM(config=TINY_LLM, lora=lora)
+    kwargs.setdefault("tokenizer", TrainedBPE(shapesworld.corpus))
     return EmuModel(vision, resampler, llm, max_length=max_length, **kwargs)
 
 

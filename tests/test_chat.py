@@ -10,8 +10,8 @@ from torchvision.utils import save_image
 
 from emu_lightning.chat import MediaError, Session, parse_turn, read_conversation, run_stdin
 from emu_lightning.conversation import ConversationError
-from emu_lightning.data.webvid import write_shapesworld_webvid
-from emu_lightning.data.world import ShapesWorld
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import write_shapesworld_webvid
 
 
 def test_inline_image_and_video_paths_become_items(tmp_path):

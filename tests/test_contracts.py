@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emu_lightning.components.base import LanguageModel, LMOutput, Resampler, VisionBackbone, VisualDecoder
-from emu_lightning.data.modules import ShapesWorldDataModule
 from emu_lightning.model import EmuModel
+from emu_lightning.shapesworld import ShapesWorldDataModule
 
 
 class PatchVision(VisionBackbone):

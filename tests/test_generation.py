@@ -6,8 +6,8 @@ import torch
 from conftest import make_model
 
 from emu_lightning.components.decoder import DiffusionDecoder
-from emu_lightning.data.modules import ShapesWorldDataModule
-from emu_lightning.data.world import ShapesWorld
+from emu_lightning.shapesworld import ShapesWorldDataModule
+from emu_lightning.shapesworld.world import ShapesWorld
 from emu_lightning.tokenizer import tokenizer_to_state
 
 

@@ -30,10 +30,10 @@ ARGS = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     # little ShapesWorld data on disk, written under the working directory
-    "--data.init_args.sources.pairs.init_args.shapesworld={train: 40}",
-    "--data.init_args.sources.mmc4.init_args.shapesworld={train: 8}",
-    "--data.init_args.sources.webvid.init_args.shapesworld={train: 8}",
-    "--data.init_args.sources.storyboard.init_args.shapesworld={train: 8}",
+    "--data.init_args.sources.pairs.init_args.writer.init_args.train=40",
+    "--data.init_args.sources.mmc4.init_args.writer.init_args.train=8",
+    "--data.init_args.sources.webvid.init_args.writer.init_args.train=8",
+    "--data.init_args.sources.storyboard.init_args.writer.init_args.train=8",
 ]
 
 

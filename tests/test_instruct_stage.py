@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from emu_lightning.components.llm import LoRA
 from emu_lightning.conversation import ConversationError, conversation_items
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.model import EmuModel
+from emu_lightning.shapesworld.world import ShapesWorld
 
 WORLD = ShapesWorld(image_size=16)
 SMALL_LORA = LoRA(r=4, alpha=8, dropout=0.0)

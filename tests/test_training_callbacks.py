@@ -13,7 +13,7 @@ import torch
 from conftest import make_model
 
 from emu_lightning.callbacks import FinalCheckpoint
-from emu_lightning.data.modules import ShapesWorldDataModule
+from emu_lightning.shapesworld import ShapesWorldDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

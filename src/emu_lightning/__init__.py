@@ -10,10 +10,10 @@ from emu_lightning.components import (
     TimmVisionBackbone,
 )
 from emu_lightning.conversation import conversation_items
-from emu_lightning.data import InstructionDataModule, ShapesWorld, ShapesWorldDataModule
+from emu_lightning.data import MixtureDataModule, StreamingDataModule
 from emu_lightning.model import EmuModel
 from emu_lightning.sequence import SequenceBuilder
-from emu_lightning.tokenizer import load_tokenizer
+from emu_lightning.tokenizer import TrainedBPE, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -21,15 +21,15 @@ __all__ = [
     "CausalTransformer",
     "EmuModel",
     "HFCausalLM",
-    "InstructionDataModule",
     "LoRA",
     "MLPProjector",
+    "MixtureDataModule",
     "PerceiverResampler",
     "PooledProjector",
     "SequenceBuilder",
-    "ShapesWorld",
-    "ShapesWorldDataModule",
+    "StreamingDataModule",
     "TimmVisionBackbone",
+    "TrainedBPE",
     "conversation_items",
     "load_tokenizer",
 ]

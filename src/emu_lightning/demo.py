@@ -27,9 +27,9 @@ import torch
 from emu_lightning.callbacks import FinalCheckpoint
 from emu_lightning.cli import cli
 from emu_lightning.data.modules import EmuDataModule
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.eval.callbacks import FewShotEval, TextToImageEval, run_dir
 from emu_lightning.model import EmuModel
+from emu_lightning.shapesworld import ShapesWorld, find_world
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def caption_accuracy(
     **generate: Any,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Share of held-out images whose greedy caption names exactly their coloured shapes, and the rows."""
-    world, rows = dm.world, []
+    world, rows = find_world(dm, model.vision.image_size), []
     for start in range(0, num, batch_size):
         idx = list(range(start, min(num, start + batch_size)))
         scenes = [world.scene("val", i) for i in idx]
@@ -134,7 +134,7 @@ def text_to_image_demo(trainer: Any, model: EmuModel, dm: EmuDataModule, show: i
     metric = t2i.history[-1]["fid"]["metric"]
 
     out_dir = run_dir(trainer)
-    world, keys = dm.world, t2i.last_keys[:show]
+    world, keys = find_world(dm, model.vision.image_size), t2i.last_keys[:show]
     real = [world.image("val", k) for k in keys]
     pairs = [img for r, g in zip(real, t2i.last_images[:show]) for img in (r, g)]
     save_image(torch.stack(pairs), out_dir / "text_to_image_grid.png", nrow=2, padding=2, pad_value=1.0)
@@ -157,7 +157,7 @@ def text_to_image_demo(trainer: Any, model: EmuModel, dm: EmuDataModule, show: i
 def instruct_demo(trainer: Any, model: EmuModel, dm: Any, show: int) -> dict[str, Any]:
     """The instruct stage: the assistant-prompt VQA score of the model before (the previous stage's weights; fresh
     LoRA adapters change nothing) and after instruction tuning, held-out conversations, the adapters saved alone."""
-    world = dm.world
+    world = find_world(dm, model.vision.image_size)
     trainer.datamodule = dm
     print("held-out VQA with the assistant's prompt, before instruction tuning ...", flush=True)
     before = few_shot_scores(trainer, model)
@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except FileExistsError as err:
             hint = "(the demo replaces it with --overwrite: make demo DEMO_ARGS=--overwrite)"
             raise SystemExit(f"error: {err}\n{hint}") from None
-    if not isinstance(getattr(dm, "world", None), ShapesWorld):
-        raise SystemExit(f"the demo needs ShapesWorld data (a `world`), the config gives {type(dm).__name__}")
+    if not isinstance(find_world(dm, model.vision.image_size), ShapesWorld):
+        raise SystemExit(f"the demo needs ShapesWorld data, the config gives {type(dm).__name__} without it")
     if model.stage == "decoder":
         return text_to_image_demo(trainer, model, dm, args.show)
     if model.stage == "instruct":

@@ -30,6 +30,7 @@ from emu_lightning.tokenizer import (
     IMG_END,
     IMG_START,
     PRETRAIN_TOKENS,
+    TrainedBPE,
     add_emu_tokens,
     load_tokenizer,
     tokenizer_from_state,
@@ -58,9 +59,11 @@ class EmuModel(EmuInference, L.LightningModule):
         llm: the language model with its regression head.
         decoder: the visual decoder (diffusion UNet) that turns regressed embeddings into pixels; optional. Its
             ``cond_dim`` may be left out: it is the resampler's ``out_dim``.
-        tokenizer: a local tokenizer folder; ``None`` trains the built-in ShapesWorld byte-level BPE. The
-            tokenizer is stored inside every checkpoint, so inference does not need the folder;
-            ``"<checkpoint>"`` (:data:`TOKENIZER_FROM_CHECKPOINT`) is the one of the checkpoint being loaded.
+        tokenizer: a local tokenizer folder (the one a pretrained language model was trained with), or a
+            :class:`~emu_lightning.tokenizer.TrainedBPE` for a language model trained from scratch. It is stored
+            inside every checkpoint, so inference does not need the folder; ``"<checkpoint>"``
+            (:data:`TOKENIZER_FROM_CHECKPOINT`) is the one of the checkpoint being loaded. Required unless
+            ``init_checkpoint`` gives it.
         max_length: longest training sequence in tokens (longer samples are truncated between blocks).
         ce_weight: weight of the next-token cross-entropy.
         regression_weight: weight of the next-visual-embedding L2 loss.
@@ -93,7 +96,7 @@ class EmuModel(EmuInference, L.LightningModule):
         resampler: Resampler | Callable[[int, int], Resampler],
         llm: LanguageModel,
         decoder: VisualDecoder | Callable[[int], VisualDecoder] | None = None,
-        tokenizer: str | None = None,
+        tokenizer: str | TrainedBPE | None = None,
         max_length: int = 256,
         ce_weight: float = 1.0,
         regression_weight: float = 1.0,
@@ -110,7 +113,9 @@ class EmuModel(EmuInference, L.LightningModule):
     ) -> None:
         super().__init__()
         given = _given_hyperparameters.get() if _given_hyperparameters is not None else None
-        self.save_hyperparameters(ignore=None if given is not None else [*COMPONENTS, "optimizer", "scheduler"])
+        # Built objects are not hyperparameters a checkpoint can hold (it stores the tokenizer itself)
+        built = [*COMPONENTS, "optimizer", "scheduler", *(["tokenizer"] if isinstance(tokenizer, TrainedBPE) else [])]
+        self.save_hyperparameters(ignore=None if given is not None else built)
         if not isinstance(resampler, Resampler):  # widths said once: those of the components it connects
             resampler = resampler(vision.out_dim, llm.hidden_size)
         if decoder is not None and not isinstance(decoder, VisualDecoder):
@@ -152,11 +157,16 @@ class EmuModel(EmuInference, L.LightningModule):
         self.weight_decay_norms = weight_decay_norms
         self.max_length = max_length
         if init_checkpoint is None:
-            if tokenizer is None and llm.pretrained_path is not None:
+            if not isinstance(tokenizer, str) and llm.pretrained_path is not None:
                 raise ValueError(
-                    f"the language model loads pretrained weights from {llm.pretrained_path!r} but `tokenizer` is not "
-                    "set: give the tokenizer folder it was trained with (model.tokenizer); the built-in ShapesWorld "
-                    "tokenizer is only for language models trained from scratch"
+                    f"the language model loads pretrained weights from {llm.pretrained_path!r}: give the tokenizer "
+                    f"folder it was trained with (model.tokenizer), not {tokenizer!r}"
+                )
+            if tokenizer is None:
+                raise ValueError(
+                    "EmuModel needs a tokenizer (model.tokenizer): a local tokenizer folder, or for a language model "
+                    "trained from scratch a TrainedBPE over your corpus, e.g. "
+                    "TrainedBPE(emu_lightning.shapesworld.corpus) as configs/tiny.yaml does"
                 )
             self._set_tokenizer(self._load_tokenizer(tokenizer))
         else:
@@ -217,10 +227,12 @@ class EmuModel(EmuInference, L.LightningModule):
                 f"decoder num_queries {dec.num_queries} does not match the resampler's {r.num_queries} embeddings"
             )
 
-    def _load_tokenizer(self, path: str | None) -> Any:
+    def _load_tokenizer(self, path: str | TrainedBPE) -> Any:
         if path == TOKENIZER_FROM_CHECKPOINT:  # set by on_load_checkpoint, before the weights load
             return None
-        if on_meta_device() and path is not None and not Path(path).is_dir():
+        if isinstance(path, TrainedBPE):
+            return path()
+        if on_meta_device() and not Path(path).is_dir():
             # `inspect` builds on meta without any files: count the rows Emu's tokens would add, plus a pad
             # token, which LLaMA's tokenizer lacks (32,004 on LLaMA; 32,006 for instruction tuning).
             added = len(EMU_TOKENS) if self.stage == "instruct" else len(PRETRAIN_TOKENS)

@@ -1,4 +1,4 @@
-"""Tokenizers: any Hugging Face tokenizer from a local folder, or the built-in ShapesWorld byte-level BPE.
+"""Tokenizers: any Hugging Face tokenizer from a local folder, or a byte-level BPE trained on a corpus.
 
 Emu adds ``[IMG]``, ``[/IMG]`` and ``<image>`` (and ``[USER]``, ``[ASSISTANT]`` for instruction tuning) to
 the language model's vocabulary, after a ``[PAD]`` token when the tokenizer has none, in the released order: on
@@ -13,6 +13,7 @@ import copy
 import functools
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -64,7 +65,7 @@ def _special(token: str) -> AddedToken:
     return AddedToken(token, lstrip=True, rstrip=True, special=True, normalized=False)
 
 
-def train_bpe(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_bpe(corpus: Sequence[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``corpus`` (deterministic for a given corpus) and add Emu's tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -85,33 +86,37 @@ def train_bpe(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFa
     return fast
 
 
-def shapesworld_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """The default tokenizer: a byte-level BPE trained on the ShapesWorld corpus (a fresh copy per call)."""
-    return copy.deepcopy(_trained_shapesworld_tokenizer(vocab_size))
+class TrainedBPE:
+    """A byte-level BPE trained on a corpus when the model is built, with Emu's tokens: the tokenizer of a language
+    model trained from scratch (``model.tokenizer`` in YAML). Training is deterministic and done once per process and
+    (corpus, size); the tokenizer is then stored in every checkpoint, so inference never trains it again.
+
+    Args:
+        corpus: a function returning the training texts, e.g. ``emu_lightning.shapesworld.corpus`` (an import path in
+            YAML).
+        vocab_size: the BPE's size before Emu's tokens are added.
+    """
+
+    def __init__(self, corpus: Callable[[], Iterable[str]], vocab_size: int = 512) -> None:
+        if vocab_size < 260:
+            raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE (at least 260 expected)")
+        self.corpus, self.vocab_size = corpus, vocab_size
+
+    def __call__(self) -> PreTrainedTokenizerFast:
+        return copy.deepcopy(_trained(self.corpus, self.vocab_size))  # a fresh copy: callers add tokens to theirs
+
+    def __repr__(self) -> str:
+        return f"TrainedBPE({getattr(self.corpus, '__qualname__', self.corpus)}, vocab_size={self.vocab_size})"
 
 
 @functools.lru_cache(maxsize=4)
-def _trained_shapesworld_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    # Deterministic, so one training per process serves every model built in it.
-    from emu_lightning.data.world import ShapesWorld
-
-    return train_bpe(ShapesWorld().corpus(), vocab_size=vocab_size)
+def _trained(corpus: Callable[[], Iterable[str]], vocab_size: int) -> PreTrainedTokenizerFast:
+    return train_bpe(list(corpus()), vocab_size=vocab_size)
 
 
-def load_tokenizer(
-    path: str | os.PathLike | None = None, vocab_size: int = 512, instruct: bool = False
-) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local folder (``None``: the built-in ShapesWorld BPE) with Emu's tokens added.
-
-    Args:
-        path: a local Hugging Face tokenizer folder (``tokenizer.json`` / ``tokenizer.model``), or ``None``.
-        vocab_size: size of the built-in BPE when ``path`` is ``None``.
-        instruct: also add the instruction-tuning tokens ``[USER]`` and ``[ASSISTANT]``.
-    """
-    if path is None:
-        tokenizer = shapesworld_tokenizer(vocab_size)
-        add_emu_tokens(tokenizer, instruct=instruct)
-        return tokenizer
+def load_tokenizer(path: str | os.PathLike, instruct: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local Hugging Face tokenizer folder (``tokenizer.json`` / ``tokenizer.model``) with
+    Emu's tokens added; with ``instruct`` also the instruction-tuning tokens ``[USER]`` and ``[ASSISTANT]``."""
     if not Path(path).is_dir():
         raise FileNotFoundError(
             f"tokenizer folder {str(path)!r} does not exist (a local Hugging Face tokenizer folder)"

@@ -12,12 +12,17 @@ import torch
 from webdataset import TarWriter
 
 from emu_lightning.data import check
-from emu_lightning.data.instruct import write_shapesworld_llava
-from emu_lightning.data.mmc4 import write_shapesworld_mmc4
-from emu_lightning.data.pairs import shapesworld_pair_record, shard_pattern, write_shapesworld_pairs
-from emu_lightning.data.storyboard import write_shapesworld_storyboard
-from emu_lightning.data.webvid import write_mp4, write_shapesworld_webvid
-from emu_lightning.data.world import ShapesWorld
+from emu_lightning.data.pairs import shard_pattern
+from emu_lightning.data.webvid import write_mp4
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import (
+    shapesworld_pair_record,
+    write_shapesworld_llava,
+    write_shapesworld_mmc4,
+    write_shapesworld_pairs,
+    write_shapesworld_storyboard,
+    write_shapesworld_webvid,
+)
 
 SIZE = ["--image-size", "32"]
 

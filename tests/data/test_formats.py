@@ -7,7 +7,7 @@ import torch
 
 from emu_lightning.data.coco import load_image, read_karpathy
 from emu_lightning.data.vqa import read_vqa
-from emu_lightning.data.world import ShapesWorld
+from emu_lightning.shapesworld.world import ShapesWorld
 
 
 @pytest.fixture(scope="module")

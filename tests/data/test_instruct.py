@@ -10,20 +10,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from emu_lightning import shapesworld
 from emu_lightning.conversation import ASSISTANT_TAG, SYSTEM, USER_TAG
-from emu_lightning.data.instruct import (
-    DIALOGUE_KINDS,
-    SAME_NUMBER,
-    InstructionConversations,
-    InstructionDataModule,
-    write_shapesworld_llava,
-)
+from emu_lightning.data.instruct import InstructionConversations, InstructionDataModule
 from emu_lightning.data.pairs import decode_image, encode_image
 from emu_lightning.data.streaming import DataSourceError
 from emu_lightning.data.webvid import read_clip, write_mp4
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import END_OF_CHUNK, IGNORE_INDEX, SequenceBuilder, to_unit_range
-from emu_lightning.tokenizer import shapesworld_tokenizer
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import DIALOGUE_KINDS, SAME_NUMBER, write_shapesworld_llava
 
 U = {"text": USER_TAG, "loss": False}
 A = {"text": ASSISTANT_TAG, "loss": False}
@@ -52,7 +47,7 @@ def world() -> ShapesWorld:
 @pytest.fixture(scope="module")
 def sequencer() -> SequenceBuilder:
     # No sequence-final EOS: each assistant turn already ends with one (END_OF_CHUNK).
-    return SequenceBuilder(shapesworld_tokenizer(), num_queries=4, max_length=512, add_eos=False)
+    return SequenceBuilder(shapesworld.tokenizer(), num_queries=4, max_length=512, add_eos=False)
 
 
 def counting_video(num_frames: int) -> torch.Tensor:
@@ -381,7 +376,7 @@ def test_shapesworld_writer(world, tmp_path):
 
 
 def test_datamodule_writes_and_loads(tmp_path):
-    sequencer = SequenceBuilder(shapesworld_tokenizer(), num_queries=4, max_length=256)
+    sequencer = SequenceBuilder(shapesworld.tokenizer(), num_queries=4, max_length=256)
     data = InstructionDataModule(
         str(tmp_path / "llava_train.json"),
         val_paths=str(tmp_path / "llava_val.json"),

@@ -5,9 +5,10 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from emu_lightning.cli import cli
 from emu_lightning.data.mixture import MapStyleSource, MixedStream, MixtureDataModule
-from emu_lightning.data.modules import EmuDataModule, ShapesWorldDataModule, StreamingDataModule
+from emu_lightning.data.modules import EmuDataModule, StreamingDataModule
 from emu_lightning.data.streaming import DataSourceError, Skip, StreamingSource, distributed_rank
 from emu_lightning.sequence import SequenceBuilder
+from emu_lightning.shapesworld import ShapesWorldDataModule
 
 
 def reader():

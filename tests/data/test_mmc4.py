@@ -13,10 +13,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset import TarWriter
 
-from emu_lightning.data.mmc4 import MMC4DataModule, MMC4Documents, write_shapesworld_mmc4
+from emu_lightning.data.mmc4 import MMC4DataModule, MMC4Documents
 from emu_lightning.data.streaming import DataSourceError, add_skips, batch_skips
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import to_unit_range
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import write_shapesworld_mmc4
 
 NUM_DOCS, PER_FILE = 12, 5  # three files: 5, 5 and 2 documents
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from emu_lightning.data.modules import ShapesWorldDataModule, ShapesWorldPairs
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import END_OF_CHUNK, IGNORE_INDEX, SequenceBuilder
+from emu_lightning.shapesworld import ShapesWorldDataModule, ShapesWorldPairs
+from emu_lightning.shapesworld.world import ShapesWorld
 
 
 def test_pairs_are_deterministic_with_both_orders():

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from emu_lightning.data.owned import ForeignFilesError, write_once
 from emu_lightning.data.pairs import ImageTextDataModule
 from emu_lightning.data.webvid import WebVidDataModule
+from emu_lightning.shapesworld.owned import ForeignFilesError, write_once
 
 
 def _snapshot(folder):

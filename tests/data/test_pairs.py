@@ -11,18 +11,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset import TarWriter
 
-from emu_lightning.data.pairs import (
-    ImageTextDataModule,
-    ImageTextShards,
-    decode_image,
-    shapesworld_caption,
-    shapesworld_pair_record,
-    shard_pattern,
-    write_shapesworld_pairs,
-)
+from emu_lightning.data.pairs import ImageTextDataModule, ImageTextShards, decode_image, shard_pattern
 from emu_lightning.data.streaming import DataSourceError, add_skips, batch_skips
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import to_unit_range
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import shapesworld_caption, shapesworld_pair_record, write_shapesworld_pairs
 
 NUM, SHARD = 20, 8  # three shards: 8, 8 and 4 samples
 

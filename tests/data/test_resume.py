@@ -7,8 +7,8 @@ import torch
 from conftest import make_model
 
 from emu_lightning.data.mixture import MixtureDataModule
-from emu_lightning.data.modules import ShapesWorldDataModule
 from emu_lightning.data.pairs import ImageTextDataModule
+from emu_lightning.shapesworld import ShapesWorldDataModule
 
 
 class Record(L.Callback):

@@ -11,18 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from emu_lightning.data.storyboard import (
-    Cue,
-    StoryboardDataModule,
-    StoryboardVideos,
-    interleave,
-    parse_vtt,
-    write_shapesworld_storyboard,
-)
+from emu_lightning import shapesworld
+from emu_lightning.data.storyboard import Cue, StoryboardDataModule, StoryboardVideos, interleave, parse_vtt
 from emu_lightning.data.streaming import DataSourceError
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder, to_unit_range
-from emu_lightning.tokenizer import load_tokenizer
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import write_shapesworld_storyboard
 
 VTT = """\ufeffWEBVTT - a hand-written file
 Kind: captions
@@ -226,7 +220,7 @@ def test_two_workers_read_the_same_documents_as_one_process(tmp_path, world):
 def test_datamodule(tmp_path, world):
     train = write_shapesworld_storyboard(world, tmp_path, "train", num_videos=3, frames_per_video=3)
     val = write_shapesworld_storyboard(world, tmp_path, "val", num_videos=2, frames_per_video=3)
-    sequencer = SequenceBuilder(load_tokenizer(), num_queries=2, max_length=256)
+    sequencer = SequenceBuilder(shapesworld.tokenizer(), num_queries=2, max_length=256)
     data = StoryboardDataModule(str(train), val_paths=str(val), batch_size=2, sequencer=sequencer)
     batches = iter(data.train_dataloader())
     for _ in range(3):  # 6 documents from 3: the training reader repeats

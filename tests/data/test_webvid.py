@@ -11,20 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from emu_lightning import shapesworld
 from emu_lightning.data.streaming import DataSourceError
-from emu_lightning.data.webvid import (
-    WebVidDataModule,
-    WebVidVideos,
-    parse_duration,
-    read_clip,
-    sample_times,
-    shapesworld_clip,
-    write_mp4,
-    write_shapesworld_webvid,
-)
-from emu_lightning.data.world import ShapesWorld
+from emu_lightning.data.webvid import WebVidDataModule, WebVidVideos, parse_duration, read_clip, sample_times, write_mp4
 from emu_lightning.sequence import SequenceBuilder, to_unit_range
-from emu_lightning.tokenizer import load_tokenizer
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import shapesworld_clip, write_shapesworld_webvid
 
 HEADER = ["videoid", "contentUrl", "duration", "page_dir", "name"]
 
@@ -227,7 +219,7 @@ def test_units_are_row_chunks_and_workers_split_them(webvid):
 
 
 def test_datamodule(webvid):
-    sequencer = SequenceBuilder(load_tokenizer(), num_queries=2, max_length=256)
+    sequencer = SequenceBuilder(shapesworld.tokenizer(), num_queries=2, max_length=256)
     data = WebVidDataModule(webvid, val_csv=str(webvid), num_frames=4, batch_size=4, sequencer=sequencer)
     batches = iter(data.train_dataloader())
     for _ in range(3):  # 12 samples from 6 rows: the training reader repeats

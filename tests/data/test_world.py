@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from emu_lightning.data.world import COLOURS, ShapesWorld
+from emu_lightning import shapesworld
+from emu_lightning.shapesworld.world import COLOURS, ShapesWorld
 from emu_lightning.tokenizer import (
     EMU_TOKENS,
     PRETRAIN_TOKENS,
@@ -66,7 +67,7 @@ def test_bad_world_arguments():
 
 
 def test_default_tokenizer_has_emu_tokens_and_round_trips():
-    tok = load_tokenizer()
+    tok = shapesworld.tokenizer()
     vocab = tok.get_vocab()
     assert all(t in vocab for t in PRETRAIN_TOKENS) and tok.pad_token_id is not None
     assert "[USER]" not in vocab and all(t in load_tokenizer(instruct=True).get_vocab() for t in EMU_TOKENS)

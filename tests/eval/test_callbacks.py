@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_model
 
-from emu_lightning.data.modules import ShapesWorldDataModule
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
+from emu_lightning.shapesworld import ShapesWorldDataModule
+from emu_lightning.shapesworld.world import ShapesWorld
 
 
 def fit_with(tmp_path, callback, steps=2):

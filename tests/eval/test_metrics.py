@@ -3,7 +3,6 @@ import pytest
 import torch
 from scipy import linalg
 
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.eval import metrics
 from emu_lightning.eval.metrics import (
     cached_feature_stats,
@@ -19,10 +18,10 @@ from emu_lightning.eval.metrics import (
     normalize_vqa_answer,
     postprocess_vqa_answer,
     save_stats,
-    shapes_attribute_accuracy,
-    shapes_attribute_accuracy_batch,
     vqa_accuracy,
 )
+from emu_lightning.shapesworld.metrics import shapes_attribute_accuracy, shapes_attribute_accuracy_batch
+from emu_lightning.shapesworld.world import ShapesWorld
 
 # ---------------------------------------------------------------------------------------------------------- CIDEr
 

@@ -4,9 +4,9 @@ from conftest import make_model
 
 from emu_lightning.data.coco import read_karpathy
 from emu_lightning.data.vqa import read_vqa
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.eval.tasks import FewShotTask, PromptTemplate, from_captions, from_vqa, render
 from emu_lightning.sequence import END_OF_CHUNK
+from emu_lightning.shapesworld.world import ShapesWorld
 
 
 @pytest.fixture(scope="module")

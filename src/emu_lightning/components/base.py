@@ -73,7 +73,7 @@ class LanguageModel(L.LightningModule):
     hidden_size: int
     pretrained_path: str | None = None
     """Where pretrained weights were loaded from (``None``: trained from scratch). A pretrained model needs the
-    tokenizer it was trained with: EmuModel refuses to pair it with the built-in ShapesWorld one."""
+    tokenizer it was trained with: EmuModel refuses to pair it with anything but a tokenizer folder."""
 
     @property
     def vocab_size(self) -> int:

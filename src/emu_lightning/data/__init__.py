@@ -1,37 +1,27 @@
-"""Data: the built-in ShapesWorld, one reader and one LightningDataModule per source, and their mixture."""
+"""Data: one reader per real on-disk format, the DataModule that reads any of them, and their mixture."""
 
-from emu_lightning.data.instruct import InstructionConversations, InstructionDataModule, write_shapesworld_llava
+from emu_lightning.data.instruct import InstructionConversations
 from emu_lightning.data.mixture import MixedStream, MixtureDataModule
-from emu_lightning.data.mmc4 import MMC4DataModule, MMC4Documents
-from emu_lightning.data.modules import EmuDataModule, ShapesWorldDataModule, ShapesWorldPairs, StreamingDataModule
-from emu_lightning.data.pairs import ImageTextDataModule, ImageTextShards
-from emu_lightning.data.storyboard import StoryboardDataModule, StoryboardVideos
-from emu_lightning.data.streaming import DataSourceError, Skip, StreamingSource
-from emu_lightning.data.webvid import WebVidDataModule, WebVidVideos
-from emu_lightning.data.world import Scene, Shape, ShapesWorld
+from emu_lightning.data.mmc4 import MMC4Documents
+from emu_lightning.data.modules import DataWriter, EmuDataModule, StreamingDataModule
+from emu_lightning.data.pairs import ImageTextShards
+from emu_lightning.data.storyboard import StoryboardVideos
+from emu_lightning.data.streaming import DataSourceError, MapStyleSource, Skip, StreamingSource
+from emu_lightning.data.webvid import WebVidVideos
 
 __all__ = [
     "DataSourceError",
+    "DataWriter",
     "EmuDataModule",
-    "ImageTextDataModule",
     "ImageTextShards",
     "InstructionConversations",
-    "InstructionDataModule",
-    "MMC4DataModule",
     "MMC4Documents",
+    "MapStyleSource",
     "MixedStream",
     "MixtureDataModule",
-    "Scene",
-    "Shape",
-    "ShapesWorld",
-    "ShapesWorldDataModule",
-    "ShapesWorldPairs",
     "Skip",
-    "StoryboardDataModule",
     "StoryboardVideos",
     "StreamingDataModule",
     "StreamingSource",
-    "WebVidDataModule",
     "WebVidVideos",
-    "write_shapesworld_llava",
 ]

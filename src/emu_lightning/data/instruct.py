@@ -70,12 +70,9 @@ from emu_lightning.conversation import (
     conversation_items,
     split_image_tags,
 )
-from emu_lightning.data.modules import StreamingDataModule
 from emu_lightning.data.pairs import decode_image
 from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls
 from emu_lightning.data.webvid import VideoError, read_clip
-from emu_lightning.data.world import COLOURS, ShapesWorld
-from emu_lightning.sequence import SequenceBuilder
 
 FORMATS = ("llava", "sharegpt", "alpaca", "videochat", "video_chatgpt")
 SUFFIXES = (".json", ".jsonl")
@@ -291,7 +288,8 @@ class InstructionConversations(StreamingSource):
     Args:
         paths: ``.json`` / ``.jsonl`` files: a path, a brace pattern, or a list of them.
         format: ``llava``, ``sharegpt``, ``alpaca``, ``videochat`` or ``video_chatgpt``.
-        image_size: side S of the square images and frames (shorter side resized, then centre-cropped).
+        image_size: side S of the square images and frames, the whole picture resized to S x S (bicubic, the
+            library's one transform); by default the model's (set by the DataModule).
         image_dir: folder LLaVA's image paths are relative to; by default each file's own folder.
         video_dir: folder the video paths (VideoChat) and ids (Video-ChatGPT) are relative to; by default each
             file's own folder.
@@ -311,7 +309,7 @@ class InstructionConversations(StreamingSource):
         self,
         paths: str | Path | Sequence[str | Path],
         format: str,
-        image_size: int = 224,
+        image_size: int | None = None,
         image_dir: str | Path | None = None,
         video_dir: str | Path | None = None,
         num_frames: int = 8,
@@ -327,7 +325,7 @@ class InstructionConversations(StreamingSource):
         super().__init__(name or format, shuffle=shuffle, repeat=repeat, seed=seed, split_by_node=split_by_node)
         if format not in FORMATS:
             raise ValueError(f"format {format!r} is not one of {list(FORMATS)}")
-        if image_size < 1 or num_frames < 1 or conversations_per_unit < 1:
+        if (image_size is not None and image_size < 1) or num_frames < 1 or conversations_per_unit < 1:
             raise ValueError(
                 f"image_size {image_size}, num_frames {num_frames} and conversations_per_unit "
                 f"{conversations_per_unit} must be >= 1"
@@ -342,9 +340,12 @@ class InstructionConversations(StreamingSource):
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.video_dir = Path(video_dir) if video_dir is not None else None
         self.system = system or None
-        self.chunks = [chunk for path in files for chunk in index_file(path, conversations_per_unit)]
+        self.files, self.conversations_per_unit = files, conversations_per_unit
+        self.chunks: list[JsonChunk] | None = None  # indexed on first use: a writer may create the files after this
 
     def units(self) -> list[JsonChunk]:
+        if self.chunks is None:
+            self.chunks = [chunk for path in self.files for chunk in index_file(path, self.conversations_per_unit)]
         return self.chunks
 
     def read(self, unit: JsonChunk, rng: np.random.Generator) -> Iterator[dict[str, Any] | Skip]:
@@ -424,182 +425,3 @@ class InstructionConversations(StreamingSource):
         except (av.FFmpegError, OSError) as error:
             raise _Bad("corrupt_video", f"{location}: {error}") from None
         return frames
-
-
-# ---------------------------------------------------------------------- ShapesWorld writer
-DIALOGUE_STREAM = 7
-"""The :meth:`ShapesWorld.rng` stream of a dialogue's kind, questions and number of turns."""
-DIALOGUE_KINDS = {"describe": 0.2, "answer": 0.4, "count": 0.2, "compare": 0.2}
-"""The kinds of ShapesWorld dialogues and how often each is drawn."""
-MAX_TURNS = 3
-DESCRIBE_PROMPTS = ("describe the image.", "what is in this picture?", "what do you see?", "describe the shapes.")
-COMPARE_PROMPTS = {
-    "which image has more shapes?": ("the first image.", "the second image."),
-    "which image has fewer shapes?": ("the second image.", "the first image."),
-}
-"""Two-image questions, with the answer when the first image has more shapes and when the second has."""
-SAME_NUMBER = "they have the same number of shapes."
-
-
-def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
-    return options[int(rng.integers(len(options)))]
-
-
-def shapesworld_dialogue(world: ShapesWorld, split: str, index: int) -> tuple[dict[str, Any], list[int]]:
-    """Dialogue ``index`` of ``split`` in LLaVA's format (its ``image`` still to be filled in), with its kind
-    (``describe``, ``answer``, ``count`` or ``compare``) in ``"kind"``, and the scene indices of its images.
-
-    The first user turn carries the image tag(s) and asks the kind's question: ``describe`` one of
-    :data:`DESCRIBE_PROMPTS`, ``answer`` one of :meth:`ShapesWorld.questions` about colours, shapes and presence,
-    ``count`` how many shapes (of one colour) there are, ``compare`` which of two images (scenes ``index`` and
-    ``index + 1``) has more or fewer shapes. 0 to ``MAX_TURNS - 1`` more turns ask further questions about the
-    same image(s) without tags. Answers are short and written as the VQA examples write them
-    (``f"{qa.answer}."``); descriptions are the caption that names positions (``captions[1]``).
-    """
-    rng = world.rng(split, index, stream=DIALOGUE_STREAM)
-    kind = list(DIALOGUE_KINDS)[int(rng.choice(len(DIALOGUE_KINDS), p=list(DIALOGUE_KINDS.values())))]
-    scene = world.scene(split, index)
-    caption = world.captions(scene)[1]
-    if kind == "compare":
-        other = world.scene(split, index + 1)
-        counts = len(scene.shapes), len(other.shapes)
-        question = _pick(rng, list(COMPARE_PROMPTS))
-        more_first, more_second = COMPARE_PROMPTS[question]
-        answer = SAME_NUMBER if counts[0] == counts[1] else more_first if counts[0] > counts[1] else more_second
-        scenes, first = [index, index + 1], (question, answer)
-        pool = [
-            ("how many shapes are in the first image?", f"{counts[0]}."),
-            ("how many shapes are in the second image?", f"{counts[1]}."),
-            ("describe the first image.", caption),
-            ("describe the second image.", world.captions(other)[1]),
-        ]
-    else:
-        qas = world.questions(split, index)
-        pool = [(qa.question, f"{qa.answer}.") for qa in qas] + [(_pick(rng, DESCRIBE_PROMPTS), caption)]
-        if kind == "describe":
-            first = pool[-1]
-        elif kind == "answer":  # the questions about colours, shapes and presence; counting is the count kind's
-            first = _pick(rng, [(qa.question, f"{qa.answer}.") for qa in qas if qa.answer_type != "number"])
-        else:  # count all shapes, or those of one colour (present or not)
-            colour = _pick(rng, list(COLOURS)) if rng.random() < 0.5 else _pick(rng, scene.shapes).colour
-            count = sum(s.colour == colour for s in scene.shapes)
-            first = _pick(rng, [("how many shapes are there?", f"{len(scene.shapes)}."),
-                                (f"how many {colour} shapes are there?", f"{count}.")])  # fmt: skip
-        scenes = [index]
-    pool = [qa for qa in pool if qa[0] != first[0]]
-    more = int(rng.integers(MAX_TURNS))
-    follow = [pool[int(k)] for k in rng.choice(len(pool), size=min(more, len(pool)), replace=False)]
-    conversations = []
-    for k, (question, answer) in enumerate([first, *follow]):
-        prompt = f"{IMAGE_TAG}\n" * len(scenes) + question if k == 0 else question
-        conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
-    entry = {"id": f"shapesworld_{split}_{index:06d}", "kind": kind, "conversations": conversations}
-    return entry, scenes
-
-
-def write_shapesworld_llava(
-    world: ShapesWorld, root: str | Path, split: str = "train", num_dialogues: int = 100
-) -> Path:
-    """Write ``num_dialogues`` ShapesWorld dialogues (:func:`shapesworld_dialogue`) in LLaVA-Instruct's format:
-    ``{root}/llava_{split}.json`` and PNG images in ``{root}/images/``, named in the json relative to ``root``
-    (the reader's default ``image_dir``). Returns the json's path."""
-    if num_dialogues < 1:
-        raise ValueError(f"num_dialogues {num_dialogues} must be positive")
-    root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    names: dict[int, str] = {}
-    entries = []
-    for index in range(num_dialogues):
-        entry, scenes = shapesworld_dialogue(world, split, index)
-        for scene in scenes:
-            if scene not in names:  # a compare dialogue shows the next dialogue's scene too
-                names[scene] = "images/" + world._save_image(root / "images", split, scene)
-        entry["image"] = names[scenes[0]] if len(scenes) == 1 else [names[s] for s in scenes]
-        entries.append(entry)
-    path = root / f"llava_{split}.json"
-    path.write_text(json.dumps(entries, indent=1))
-    return path
-
-
-# ---------------------------------------------------------------------- DataModule
-class InstructionDataModule(StreamingDataModule):
-    """Instruction conversations (Emu-I's instruction tuning) in one of the released formats: a shuffled,
-    repeating training reader and an optional held-out one (one pass, in order, video segment centres).
-
-    Args:
-        paths: the training file(s): ``.json`` lists or ``.jsonl``, as a path, a brace pattern or a list.
-        format: ``llava`` (LLaVA-Instruct), ``sharegpt``, ``alpaca``, ``videochat`` (VideoChat-Instruct) or
-            ``video_chatgpt`` (VideoInstruct-100K); see :mod:`emu_lightning.data.instruct`.
-        val_paths: held-out file(s) in the same format, read once in order; none by default.
-        image_dir: folder LLaVA's image paths are relative to; by default each file's own folder.
-        video_dir: folder of the videos (VideoChat's ``video`` paths, Video-ChatGPT's ``video_id`` files); by
-            default each file's own folder.
-        image_size: side of the square images and frames (must match the vision backbone's input size).
-        num_frames: frames sampled per video (Emu: 8).
-        system: the system message of every conversation; ``""`` for none.
-        conversations_per_unit: entries per unit, the grain at which ranks and workers split a file.
-        batch_size: samples per batch.
-        num_workers: DataLoader worker processes.
-        seed: seeds shuffling and frame sampling.
-        shapesworld: (``format: llava`` only) write ShapesWorld dialogues (``llava_<split>.json`` and the images
-            beside it) to ``paths`` / ``val_paths`` first, where not yet written: ``{train: n, val: n}``
-            dialogues and ShapesWorld arguments (see :class:`StreamingDataModule`).
-        sequencer: a SequenceBuilder; by default the trained model's.
-    """
-
-    def __init__(
-        self,
-        paths: str | list[str],
-        format: str = "llava",
-        val_paths: str | list[str] | None = None,
-        image_dir: str | None = None,
-        video_dir: str | None = None,
-        image_size: int = 32,
-        num_frames: int = 8,
-        system: str = SYSTEM,
-        conversations_per_unit: int = 64,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-        shapesworld: dict[str, Any] | None = None,
-        sequencer: SequenceBuilder | None = None,
-    ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
-        if format not in FORMATS:
-            raise ValueError(f"format {format!r} is not one of {list(FORMATS)}")
-        if shapesworld is not None and format != "llava":
-            raise ValueError(f"ShapesWorld writes LLaVA dialogues only: set format to 'llava', not {format!r}")
-        self.train_paths, self.val_paths, self.format, self.image_size = paths, val_paths, format, image_size
-        self.image_dir = image_dir
-        self.reader_args = dict(
-            format=format,
-            image_size=image_size,
-            image_dir=image_dir,
-            video_dir=video_dir,
-            num_frames=num_frames,
-            system=system,
-            conversations_per_unit=conversations_per_unit,
-            seed=seed,
-        )
-
-    def setup(self, stage: str | None = None) -> None:
-        self.check_image_size(self.image_size)
-
-    def paths(self, split: str) -> str | list[str] | None:
-        return self.train_paths if split == "train" else self.val_paths
-
-    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
-        if self.image_dir is not None and Path(self.image_dir) != root:
-            raise ValueError(
-                f"ShapesWorld names its images relative to the json's folder: set image_dir to {root} or leave it out"
-            )
-        return [str(write_shapesworld_llava(self.world, root, split, num_dialogues=num_samples))]
-
-    def train_source(self) -> InstructionConversations:
-        return InstructionConversations(self.train_paths, train=True, shuffle=True, repeat=True, **self.reader_args)
-
-    def val_source(self) -> InstructionConversations | None:
-        if self.val_paths is None:
-            return None
-        args = dict(self.reader_args, name=f"{self.format}_val")
-        return InstructionConversations(self.val_paths, train=False, shuffle=False, repeat=False, **args)

@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from emu_lightning.data.modules import EmuDataModule, StreamingDataModule
 from emu_lightning.data.streaming import MapStyleSource, ResumeState, StreamingSource, distributed_rank, worker_slot
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.sequence import SequenceBuilder
 
 
@@ -184,12 +183,6 @@ class MixtureDataModule(EmuDataModule):
         self.sources, self.ratios, self.batch_sizes = dict(sources), ratios, batch_sizes
         self.seed, self.val_source = seed, val_source
 
-    @property
-    def world(self) -> ShapesWorld | None:
-        """The first source's ShapesWorld (the evaluations draw their held-out scenes from it), if any has one."""
-        worlds = (getattr(module, "world", None) for module in self.sources.values())
-        return next((w for w in worlds if isinstance(w, ShapesWorld)), None)
-
     def _attach(self, module: EmuDataModule) -> None:
         """Give a child this module's trainer (its checks against the model) and sequencer (if it has none)."""
         module.trainer = self.trainer
@@ -198,6 +191,7 @@ class MixtureDataModule(EmuDataModule):
 
     def prepare_data(self) -> None:
         for module in self.sources.values():
+            self._attach(module)  # a writer writes at the model's image size
             module.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:

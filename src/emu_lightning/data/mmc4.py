@@ -40,29 +40,18 @@ import binascii
 import glob
 import gzip
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
-from webdataset import TarWriter
 
-from emu_lightning.data.modules import StreamingDataModule
-from emu_lightning.data.pairs import decode_image, encode_image, opened, tar_records
+from emu_lightning.data.pairs import decode_image, opened, tar_records
 from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls, shuffled
-from emu_lightning.data.world import ShapesWorld
-from emu_lightning.sequence import SequenceBuilder
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 TAR_SUFFIXES = (".tar",)
-STORY_STREAM = 11
-"""The :meth:`ShapesWorld.rng` stream of a story's layout (number of scenes, connectives, similarities)."""
-OPENINGS = ("here is a story about shapes.", "a few boards of shapes.", "look at these shapes.")
-CONNECTIVES = ("then the board changed.", "after that, a new board.", "the next one is different.")
-LOW_SIM_PROB = 0.1
-"""Share of the written images whose ``matched_sim`` falls below the default threshold 0.32."""
 
 ImageLoader = Callable[[dict[str, Any]], bytes | Skip]
 """Reads one ``image_info`` entry's image bytes, or says why it cannot."""
@@ -173,7 +162,8 @@ class MMC4Documents(StreamingSource):
         paths: jsonl files (``.jsonl`` / ``.jsonl.gz``) or tar shards (``.tar``): a path, a brace or glob
             pattern (``/data/mmc4/docs_shard_{0..99}_v2.jsonl``, ``/data/mmc4/*.tar``), or a list of them.
         image_dir: folder of the jsonl layout's image files; by default each jsonl file's own folder.
-        image_size: side S of the square images: the shorter side is resized to S, then centre-cropped.
+        image_size: side S of the square images, the whole picture resized to S x S (bicubic, the
+            library's one transform); by default the model's (set by the DataModule).
         sim_threshold: images whose ``matched_sim`` is below this are dropped (MMC4's CLIP similarity).
         max_images: most images kept per document: the first usable ones in text order.
         shuffle_buffer: with ``shuffle``, a file's documents pass through a shuffle buffer this long.
@@ -187,7 +177,7 @@ class MMC4Documents(StreamingSource):
     def __init__(
         self,
         paths: str | Sequence[str],
-        image_size: int,
+        image_size: int | None = None,
         image_dir: str | None = None,
         sim_threshold: float = 0.32,
         max_images: int = 5,
@@ -199,7 +189,7 @@ class MMC4Documents(StreamingSource):
         split_by_node: bool = True,
     ) -> None:
         super().__init__(name, shuffle=shuffle, repeat=repeat, seed=seed, split_by_node=split_by_node)
-        if image_size < 1:
+        if image_size is not None and image_size < 1:
             raise ValueError(f"image_size {image_size} must be positive")
         if max_images < 1:
             raise ValueError(f"max_images {max_images} must be at least 1")
@@ -276,167 +266,3 @@ class MMC4Documents(StreamingSource):
             return decode_image(data, self.image_size)
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on broken bytes
             return Skip("corrupt_image", f"{where}: {error}")
-
-
-# ---------------------------------------------------------------------------------------------- writer
-def shapesworld_story(
-    world: ShapesWorld, split: str, doc: int, first_scene: int, images_per_doc: tuple[int, int]
-) -> dict[str, Any]:
-    """Document ``doc`` of ``split`` in MMC4's jsonl format: an opening sentence, then scenes ``first_scene``,
-    ``first_scene + 1``, ... (between ``images_per_doc[0]`` and ``images_per_doc[1]`` of them), each a caption
-    sentence, sometimes after a connective one. The image of a scene is named ``f"{split}_{scene:09d}.png"``
-    and matched to its caption; about :data:`LOW_SIM_PROB` of the ``matched_sim`` values fall below 0.32."""
-    rng = world.rng(split, doc, stream=STORY_STREAM)
-    text_list = [OPENINGS[int(rng.integers(len(OPENINGS)))]]
-    image_info = []
-    for scene in range(first_scene, first_scene + int(rng.integers(images_per_doc[0], images_per_doc[1] + 1))):
-        if rng.random() < 0.5:
-            text_list.append(CONNECTIVES[int(rng.integers(len(CONNECTIVES)))])
-        references = world.captions(world.scene(split, scene))
-        text_list.append(references[int(rng.integers(len(references)))])
-        sim = rng.uniform(0.20, 0.30) if rng.random() < LOW_SIM_PROB else rng.uniform(0.33, 0.45)
-        name = f"{split}_{scene:09d}.png"
-        image_info.append(
-            {
-                "image_name": name,
-                "raw_url": f"https://shapesworld.invalid/images/{name}",
-                "matched_text_index": len(text_list) - 1,
-                "matched_sim": round(float(sim), 4),
-            }
-        )
-    similarity = rng.uniform(0.05, 0.2, size=(len(image_info), len(text_list))).round(4)
-    for i, info in enumerate(image_info):
-        similarity[i, info["matched_text_index"]] = info["matched_sim"]
-    return {
-        "url": f"https://shapesworld.invalid/{split}/story/{doc}",
-        "text_list": text_list,
-        "image_info": image_info,
-        "similarity_matrix": similarity.tolist(),
-        "could_have_url_duplicate": 0,
-    }
-
-
-def write_shapesworld_mmc4(
-    world: ShapesWorld,
-    root: str | Path,
-    split: str = "train",
-    num_docs: int = 100,
-    images_per_doc: tuple[int, int] = (2, 4),
-    layout: str = "jsonl",
-    docs_per_file: int = 50,
-) -> list[str]:
-    """Write ``num_docs`` ShapesWorld stories (:func:`shapesworld_story`) in an MMC4 layout and return the index
-    files' paths.
-
-    Each scene appears in one document only; scenes are numbered from 0 in document order. ``layout="jsonl"``
-    writes ``{root}/docs_shard_{k:05d}_v2.jsonl`` files and the PNG images to ``{root}/images/`` (the reader's
-    ``image_dir``); ``layout="wds"`` writes tar shards ``{root}/{k:05d}.tar`` whose samples (key
-    ``f"{d:09d}"``) hold the document in a ``.json`` member, each image's PNG bytes in its ``image_base64``.
-    """
-    if not 1 <= images_per_doc[0] <= images_per_doc[1]:
-        raise ValueError(f"images_per_doc {images_per_doc} must be (low, high) with 1 <= low <= high")
-    if layout not in ("jsonl", "wds"):
-        raise ValueError(f"layout {layout!r} must be 'jsonl' or 'wds'")
-    if num_docs < 1 or docs_per_file < 1:
-        raise ValueError(f"num_docs {num_docs} and docs_per_file {docs_per_file} must be positive")
-    root = Path(root)
-    (root / "images" if layout == "jsonl" else root).mkdir(parents=True, exist_ok=True)
-    paths, scene = [], 0
-    for k, first in enumerate(range(0, num_docs, docs_per_file)):
-        docs = []
-        for d in range(first, min(num_docs, first + docs_per_file)):
-            doc = shapesworld_story(world, split, d, scene, images_per_doc)
-            for info in doc["image_info"]:
-                data = encode_image(world.image(split, scene), "png")
-                if layout == "jsonl":
-                    (root / "images" / info["image_name"]).write_bytes(data)
-                else:
-                    info["image_base64"] = base64.b64encode(data).decode("ascii")
-                scene += 1
-            docs.append(doc)
-        if layout == "jsonl":
-            path = root / f"docs_shard_{k:05d}_v2.jsonl"
-            path.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-        else:
-            path = root / f"{k:05d}.tar"
-            with TarWriter(str(path), encoder=False, mtime=0) as sink:
-                for d, doc in enumerate(docs, first):
-                    sink.write({"__key__": f"{d:09d}", "json": json.dumps(doc).encode()})
-        paths.append(str(path))
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------- data module
-class MMC4DataModule(StreamingDataModule):
-    """MMC4 interleaved documents, from jsonl files with image folders or OpenFlamingo's tar shards
-    (ShapesWorld writes both with :func:`write_shapesworld_mmc4`). Training reads the files shuffled and
-    repeating; validation reads its files once, in order.
-
-    Args:
-        paths: training files: jsonl (``.jsonl`` / ``.jsonl.gz``) or tar shards, as a path, a brace or glob
-            pattern, or a list of them.
-        val_paths: held-out files, read once in order; none by default.
-        image_dir: folder of the jsonl layout's image files; by default each jsonl file's own folder.
-        image_size: side of the square images (must match the vision backbone's input size).
-        sim_threshold: images whose ``matched_sim`` is below this are dropped.
-        max_images: most images kept per document (the first usable ones in text order).
-        shuffle_buffer: training documents of a file pass through a shuffle buffer this long.
-        batch_size: samples per batch.
-        num_workers: DataLoader worker processes; each reads its own files.
-        seed: seeds the file order and the in-file shuffle.
-        shapesworld: write ShapesWorld stories to ``paths`` / ``val_paths`` first, where not yet written (tar
-            shards in OpenFlamingo's layout, or jsonl with images in ``image_dir``): ``{train: n, val: n}``
-            documents and ShapesWorld arguments (see :class:`StreamingDataModule`).
-        sequencer: a SequenceBuilder; by default the trained model's.
-    """
-
-    def __init__(
-        self,
-        paths: str | list[str],
-        val_paths: str | list[str] | None = None,
-        image_dir: str | None = None,
-        image_size: int = 32,
-        sim_threshold: float = 0.32,
-        max_images: int = 5,
-        shuffle_buffer: int = 100,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-        shapesworld: dict[str, Any] | None = None,
-        sequencer: SequenceBuilder | None = None,
-    ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
-        self.train_paths, self.val_paths, self.image_dir, self.image_size = paths, val_paths, image_dir, image_size
-        self.sim_threshold, self.max_images, self.shuffle_buffer = sim_threshold, max_images, shuffle_buffer
-
-    def setup(self, stage: str | None = None) -> None:
-        self.check_image_size(self.image_size)
-
-    def source(self, paths: str | list[str], train: bool) -> MMC4Documents:
-        return MMC4Documents(
-            paths,
-            self.image_size,
-            image_dir=self.image_dir,
-            sim_threshold=self.sim_threshold,
-            max_images=self.max_images,
-            shuffle_buffer=self.shuffle_buffer,
-            shuffle=train,
-            repeat=train,
-            seed=self.seed,
-        )
-
-    def paths(self, split: str) -> str | list[str] | None:
-        return self.train_paths if split == "train" else self.val_paths
-
-    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
-        layout = "wds" if expand_urls(self.paths(split))[0].endswith(".tar") else "jsonl"
-        if layout == "jsonl" and (self.image_dir is None or Path(self.image_dir) != root / "images"):
-            raise ValueError(f"ShapesWorld's jsonl layout puts the images in {root / 'images'}: set image_dir to it")
-        docs_per_file = math.ceil(num_samples / num_files)
-        return write_shapesworld_mmc4(self.world, root, split, num_samples, layout=layout, docs_per_file=docs_per_file)
-
-    def train_source(self) -> MMC4Documents:
-        return self.source(self.train_paths, train=True)
-
-    def val_source(self) -> MMC4Documents | None:
-        return None if self.val_paths is None else self.source(self.val_paths, train=False)

@@ -1,106 +1,18 @@
-"""LightningDataModules. Each yields interleaved samples and collates them with the model's SequenceBuilder."""
+"""LightningDataModules: what every one shares (:class:`EmuDataModule`) and the one over any on-disk reader
+(:class:`StreamingDataModule`). Each yields interleaved samples and collates them with the model's SequenceBuilder."""
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
+from abc import ABC, abstractmethod
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from emu_lightning.data.owned import write_once
-from emu_lightning.data.streaming import (
-    MapStyleSource,
-    ResumeState,
-    StreamingSource,
-    distributed_rank,
-    expand_urls,
-    latest_epoch,
-)
-from emu_lightning.data.world import ShapesWorld
+from emu_lightning.data.streaming import ResumeState, StreamingSource, distributed_rank, latest_epoch
 from emu_lightning.distributed import gather_objects
-from emu_lightning.sequence import END_OF_CHUNK, SequenceBuilder
-
-
-class ShapesWorldPairs(Dataset):
-    """Image-text pairs (and optionally questions) from ShapesWorld; item ``i`` of ``split`` never changes.
-
-    The image comes before the caption (captioning) or after it (text-to-image), at random per pair, as in
-    Emu's pretraining on image-text pairs. With ``vqa_prob > 0`` some examples are questions about the image
-    (``question: ... answer:`` without loss, then the answer), in the format the VQA evaluation prompts with;
-    with ``examples_per_sample > 1`` a sample chains that many examples of different scenes, so the model
-    also sees several images in one sequence, as few-shot prompts show them: the ``j``-th example follows
-    ``j - 1`` others, so every context from 0 to ``examples_per_sample - 1`` earlier examples is trained. A
-    fixed count keeps the samples of a batch about equally long, with little padding. Examples are
-    separated by ``END_OF_CHUNK`` (EOS), so the model learns to stop after one, as the evaluation's
-    demonstrations end with ``{end}``.
-
-    Args:
-        world: the ShapesWorld generator.
-        split: ``train``, ``val`` or ``test``.
-        size: number of samples.
-        image_first_prob: probability that a pair's image precedes its caption.
-        vqa_prob: probability that an example is a question-answer pair instead of a caption pair.
-        examples_per_sample: examples chained in one sample.
-        captions: which of each scene's reference captions (by index into :meth:`ShapesWorld.captions`) a
-            pair may use, one drawn at random; all of them by default.
-    """
-
-    def __init__(
-        self,
-        world: ShapesWorld,
-        split: str,
-        size: int,
-        image_first_prob: float = 0.5,
-        vqa_prob: float = 0.0,
-        examples_per_sample: int = 1,
-        captions: list[int] | None = None,
-    ) -> None:
-        for name, p in (("image_first_prob", image_first_prob), ("vqa_prob", vqa_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} {p} is not a probability")
-        if examples_per_sample < 1:
-            raise ValueError(f"examples_per_sample {examples_per_sample} must be at least 1")
-        self.world, self.split, self.size, self.image_first_prob = world, split, size, image_first_prob
-        self.vqa_prob, self.examples_per_sample = vqa_prob, examples_per_sample
-        available = len(world.captions(world.scene(split, 0)))
-        if captions is not None and (not captions or any(not 0 <= c < available for c in captions)):
-            raise ValueError(f"captions {captions} must be a non-empty list of indices below {available}")
-        self.captions = list(captions) if captions is not None else list(range(available))
-
-    def __len__(self) -> int:
-        return self.size
-
-    def _pair(self, index: int) -> tuple[list[Any], list[str]]:
-        scene = self.world.scene(self.split, index)
-        image = self.world.render(scene, self.world.rng(self.split, index, stream=1))
-        rng = self.world.rng(self.split, index, stream=2)
-        references = self.world.captions(scene)
-        caption = references[self.captions[int(rng.integers(len(self.captions)))]]
-        return ([image, caption] if rng.random() < self.image_first_prob else [caption, image]), references
-
-    def _qa(self, index: int) -> tuple[list[Any], list[str]]:
-        qas = self.world.questions(self.split, index)
-        qa = qas[int(self.world.rng(self.split, index, stream=5).integers(len(qas)))]
-        prompt = {"text": f"question: {qa.question} answer:", "loss": False}
-        return [self.world.image(self.split, index), prompt, f" {qa.answer}."], list(qa.answers)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} items")
-        if self.vqa_prob == 0.0 and self.examples_per_sample == 1:
-            items, references = self._pair(index)
-        else:
-            rng = self.world.rng(self.split, index, stream=4)
-            items, references = [], []
-            for j in range(self.examples_per_sample):
-                sub = index * self.examples_per_sample + j  # distinct scenes for the chained examples
-                example, refs = self._qa(sub) if rng.random() < self.vqa_prob else self._pair(sub)
-                items += [END_OF_CHUNK, *example] if items else example  # EOS between examples
-                references = references or refs
-        return {"items": items, "id": f"{self.split}-{index}", "index": index, "references": references}
+from emu_lightning.sequence import SequenceBuilder
 
 
 class EmuDataModule(L.LightningDataModule):
@@ -184,153 +96,96 @@ class EmuDataModule(L.LightningDataModule):
             self.sequencer = model.sequencer
         return self.sequencer
 
-    def check_image_size(self, image_size: int) -> None:
-        """Raise when the attached model's vision backbone expects another image size than the data gives."""
+    def model_image_size(self) -> int | None:
+        """The input size of the attached model's vision backbone (None before a model is attached)."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         vision = getattr(model, "vision", None)
-        if vision is not None and getattr(vision, "image_size", None) not in (None, image_size):
-            raise ValueError(
-                f"data image_size {image_size} does not match the vision backbone's image_size {vision.image_size}"
-            )
+        return getattr(vision, "image_size", None)
+
+    def check_image_size(self, image_size: int) -> None:
+        """Raise when the attached model's vision backbone expects another image size than the data gives."""
+        expected = self.model_image_size()
+        if expected is not None and image_size != expected:
+            raise ValueError(f"data image_size {image_size} does not match the vision backbone's image_size {expected}")
 
 
-class ShapesWorldDataModule(EmuDataModule):
-    """ShapesWorld image-text pairs: procedurally generated, seeded, with a held-out split from other seeds.
+class DataWriter(ABC):
+    """Writes data in a reader's own format to the reader's own paths before training reads them (the way the
+    offline default puts its toy world on disk: :class:`emu_lightning.shapesworld.ShapesWorldWriter`)."""
+
+    @abstractmethod
+    def write(self, reader: StreamingSource, split: str) -> None:
+        """Write ``split`` (``train`` or ``val``) where ``reader`` reads it, unless it is there already."""
+
+
+class StreamingDataModule(EmuDataModule):
+    """One on-disk source: any :class:`~emu_lightning.data.streaming.StreamingSource` reader, given by ``class_path``.
+
+    Training reads ``reader`` (shuffled, repeating); validation reads a copy of it with the arguments in ``val``
+    changed (typically its paths), one pass in order. The readers split their units across ranks and workers
+    themselves, so the loaders neither shuffle nor use a sampler; skipped samples travel in each batch's ``skipped``
+    list and the model logs them.
 
     Args:
-        image_size: rendered image side in pixels (must match the vision backbone's input size).
-        min_shapes: fewest shapes per scene.
-        max_shapes: most shapes per scene.
-        grid: scenes are a grid x grid board (2 or 3).
-        seed: the world's seed; scenes are a pure function of (seed, split, index).
-        train_size: training scenes per epoch.
-        val_size: held-out scenes (the ``val`` split, drawn from another seed stream).
-        image_first_prob: probability that the image precedes its caption.
-        vqa_prob: probability that an example is a ShapesWorld question with its answer.
-        examples_per_sample: examples chained in one sample (few-shot-like interleaving).
-        captions: indices of the reference captions a pair may use (:meth:`ShapesWorld.captions`: 1 and 2
-            name every shape's position); all five by default.
+        reader: the training reader, e.g. ``{class_path: emu_lightning.data.MMC4Documents, init_args: {paths: ...}}``.
+            Its ``image_size`` may be left out: it is the attached model's vision backbone's.
+        val: the held-out reader's arguments that differ from ``reader``'s, e.g. ``{paths: /data/mmc4/val.jsonl}``;
+            none by default.
+        writer: writes data to the readers' paths before training (:meth:`prepare_data`), e.g. ShapesWorld's;
+            real data needs none.
         batch_size: samples per batch.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; each reads its own units.
         sequencer: a SequenceBuilder; by default the trained model's.
     """
 
     def __init__(
         self,
-        image_size: int = 32,
-        min_shapes: int = 1,
-        max_shapes: int = 3,
-        grid: int = 2,
-        seed: int = 0,
-        train_size: int = 100_000,
-        val_size: int = 256,
-        image_first_prob: float = 0.5,
-        vqa_prob: float = 0.0,
-        examples_per_sample: int = 1,
-        captions: list[int] | None = None,
+        reader: StreamingSource,
+        val: dict[str, Any] | None = None,
+        writer: DataWriter | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         sequencer: SequenceBuilder | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, sequencer)
-        self.world = ShapesWorld(
-            image_size=image_size, min_shapes=min_shapes, max_shapes=max_shapes, grid=grid, seed=seed
-        )
-        self.seed = seed
-        mix = dict(
-            image_first_prob=image_first_prob,
-            vqa_prob=vqa_prob,
-            examples_per_sample=examples_per_sample,
-            captions=captions,
-        )
-        self.train_set = ShapesWorldPairs(self.world, "train", train_size, **mix)
-        self.val_set = ShapesWorldPairs(self.world, "val", val_size, **mix)
+        self.reader, self.writer = reader, writer
+        self.val_reader = reader.held_out(**val) if val is not None else None
+
+    def readers(self) -> list[StreamingSource]:
+        return [self.reader] + ([self.val_reader] if self.val_reader is not None else [])
+
+    def _fit_image_size(self) -> None:
+        """Readers without an ``image_size`` take the model's; one with another size than the model's is an error."""
+        for reader in self.readers():
+            if getattr(reader, "image_size", 0) is None:
+                size = self.model_image_size()
+                if size is None:
+                    raise ValueError(
+                        f"{type(reader).__name__} has no image_size: give it, or attach the DataModule to a model"
+                    )
+                reader.image_size = size
+            elif hasattr(reader, "image_size"):
+                self.check_image_size(reader.image_size)
+
+    def prepare_data(self) -> None:
+        if self.writer is None:
+            return
+        self._fit_image_size()
+        self.writer.write(self.reader, "train")
+        if self.val_reader is not None:
+            self.writer.write(self.val_reader, "val")
 
     def setup(self, stage: str | None = None) -> None:
-        self.check_image_size(self.world.image_size)
+        self._fit_image_size()
+        for reader in self.readers():
+            reader.units()  # missing or unreadable files fail now, not in the first batch
 
-    def train_dataloader(self) -> DataLoader:
-        # a seeded stream over the scenes (a new order each pass), which resumes where a checkpoint left it
-        return self.loader(self.resume(MapStyleSource(self.train_set, "shapes", seed=self.seed)))
-
-    def val_dataloader(self) -> DataLoader:
-        return self.loader(self.val_set)
-
-
-class StreamingDataModule(EmuDataModule):
-    """A DataModule over :class:`~emu_lightning.data.streaming.StreamingSource` readers: subclasses build the
-    training reader (shuffled, repeating) and optionally a held-out one (one pass, in order).
-
-    The readers split their units across ranks and workers themselves, so the loaders neither shuffle nor
-    use a sampler; skipped samples travel in each batch's ``skipped`` list and the model logs them.
-
-    With ``shapesworld``, :meth:`prepare_data` first writes ShapesWorld data in the source's format to its
-    configured paths (once: a marker file in their folder records it), so the offline default trains through
-    the same readers as real data. It writes only into an absent or empty folder or one it wrote itself
-    (:func:`~emu_lightning.data.owned.write_once`): a folder with other files (a user's data) is an error.
-    ``shapesworld`` holds the number of ``train`` and ``val`` samples and any :class:`ShapesWorld` arguments but
-    the image size (the DataModule's), e.g. ``{train: 2000, val: 64}``.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        num_workers: int,
-        sequencer: SequenceBuilder | None,
-        seed: int = 0,
-        shapesworld: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(batch_size, num_workers, sequencer)
-        self.seed = seed
-        self.shapesworld = dict(shapesworld) if shapesworld is not None else None
-        self._world: ShapesWorld | None = None
-
-    @property
-    def world(self) -> ShapesWorld | None:
-        """The ShapesWorld that ``shapesworld`` writes (at the DataModule's ``image_size``); None without it."""
-        if self.shapesworld is not None and self._world is None:
-            args = {k: v for k, v in self.shapesworld.items() if k not in ("train", "val")}
-            self._world = ShapesWorld(image_size=self.image_size, **args)
-        return self._world
-
-    # ------------------------------------------------------------------ subclass interface
     def train_source(self) -> StreamingSource:
-        raise NotImplementedError
-
-    def val_source(self) -> StreamingSource | None:
-        return None
-
-    def paths(self, split: str) -> str | list[str] | None:
-        """The configured files of ``split`` (``train`` or ``val``), where ShapesWorld data is written."""
-        raise NotImplementedError(f"{type(self).__name__} cannot write ShapesWorld data")
-
-    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
-        """Write ``num_samples`` ShapesWorld samples of ``split`` into ``root`` as ``num_files`` files (where
-        the format has several) and return the index files' paths."""
-        raise NotImplementedError(f"{type(self).__name__} cannot write ShapesWorld data")
-
-    # ------------------------------------------------------------------ loading
-    def prepare_data(self) -> None:
-        if self.shapesworld is None:
-            return
-        for split in ("train", "val"):
-            num, configured = int(self.shapesworld.get(split, 0)), self.paths(split)
-            if num <= 0 or configured is None:
-                continue
-            expected = [str(Path(p)) for p in expand_urls(configured)]
-            root = Path(expected[0]).parent
-            spec = {**self.shapesworld, "image_size": self.world.image_size, "files": len(expected)}
-            write = functools.partial(self.write_shapesworld, root, split, num, len(expected))
-            written = {str(Path(p)) for p in write_once(root, split, spec, write)}
-            if set(expected) != written or any(Path(p).parent != root for p in expected):
-                raise ValueError(
-                    f"{type(self).__name__}: ShapesWorld wrote {sorted(written)} for {split}, but the configured "
-                    f"paths are {expected}: configure the paths it writes"
-                )
+        """The training reader (what a :class:`MixtureDataModule` mixes)."""
+        return self.reader
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.resume(self.train_source()))
+        return self.loader(self.resume(self.reader))
 
     def val_dataloader(self) -> DataLoader | list:
-        source = self.val_source()
-        return [] if source is None else self.loader(source)
+        return [] if self.val_reader is None else self.loader(self.val_reader)

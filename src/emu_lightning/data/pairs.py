@@ -20,8 +20,6 @@ Skip reasons (each counts one sample, except ``unreadable_shard``, which counts 
 from __future__ import annotations
 
 import io
-import json
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -30,15 +28,11 @@ from typing import IO, Any, TypeVar
 import numpy as np
 from PIL import Image
 from torch import Tensor
-from webdataset import TarWriter
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from emu_lightning.data.modules import StreamingDataModule
 from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls, shuffled
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.images import ImageTransform
-from emu_lightning.sequence import SequenceBuilder
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Image members img2dataset writes, in the order a sample's image is looked for."""
@@ -112,7 +106,8 @@ class ImageTextShards(StreamingSource):
     Args:
         urls: the shards: a brace pattern (``/data/{00000..00099}.tar``) or a list of them; local paths,
             ``file:`` and ``pipe:cmd`` URLs (the command writes the tar to stdout).
-        image_size: side S of the square images: the shorter side is resized to S, then centre-cropped.
+        image_size: side S of the square images, the whole picture resized to S x S (bicubic, the
+            library's one transform); by default the model's (set by the DataModule).
         image_first_prob: probability that the image precedes its caption (else the caption comes first).
         shuffle_buffer: with ``shuffle``, a shard's samples pass through a shuffle buffer this long.
         name: the source's name in sample metadata and skip counts.
@@ -125,7 +120,7 @@ class ImageTextShards(StreamingSource):
     def __init__(
         self,
         urls: str | Sequence[str],
-        image_size: int,
+        image_size: int | None = None,
         image_first_prob: float = 0.5,
         shuffle_buffer: int = 1000,
         name: str = "pairs",
@@ -138,7 +133,7 @@ class ImageTextShards(StreamingSource):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ValueError(f"urls {urls!r} name no shard")
-        if image_size < 1:
+        if image_size is not None and image_size < 1:
             raise ValueError(f"image_size {image_size} must be positive")
         if not 0.0 <= image_first_prob <= 1.0:
             raise ValueError(f"image_first_prob {image_first_prob} is not a probability")
@@ -191,132 +186,3 @@ def encode_image(image: Tensor, image_format: str) -> bytes:
     out = io.BytesIO()
     Image.fromarray(array).save(out, format=PIL_FORMATS[image_format], **options)
     return out.getvalue()
-
-
-def shapesworld_caption(world: ShapesWorld, split: str, index: int, caption_ids: Sequence[int] | None) -> str:
-    """The caption of item ``index`` that :class:`~emu_lightning.data.modules.ShapesWorldPairs` pairs with
-    its image: one of ``caption_ids`` (all by default), drawn from the item's caption stream."""
-    references = world.captions(world.scene(split, index))
-    ids = list(caption_ids) if caption_ids is not None else list(range(len(references)))
-    if not ids or any(not 0 <= c < len(references) for c in ids):
-        raise ValueError(f"caption_ids {caption_ids} must be a non-empty list of indices below {len(references)}")
-    return references[ids[int(world.rng(split, index, stream=2).integers(len(ids)))]]
-
-
-def shapesworld_pair_record(
-    world: ShapesWorld, split: str, index: int, image_format: str, caption_ids: Sequence[int] | None
-) -> dict[str, Any]:
-    """Item ``index`` of ``split`` as the tar sample img2dataset would write: key ``f"{index:09d}"``, the
-    image (rendered as :class:`~emu_lightning.data.modules.ShapesWorldPairs` renders it), ``txt`` (the caption
-    :func:`shapesworld_caption` picks) and ``json`` (img2dataset's ``key``, ``caption``, ``url``, ``status``,
-    ``error_message``, ``width``, ``height``)."""
-    key = f"{index:09d}"
-    image = world.render(world.scene(split, index), world.rng(split, index, stream=1))
-    caption = shapesworld_caption(world, split, index, caption_ids)
-    meta = {
-        "key": key,
-        "caption": caption,
-        "url": f"https://shapesworld.invalid/{split}/{key}.{image_format}",
-        "status": "success",
-        "error_message": None,
-        "width": image.shape[2],
-        "height": image.shape[1],
-    }
-    encoded = encode_image(image, image_format)
-    return {"__key__": key, image_format: encoded, "txt": caption.encode(), "json": json.dumps(meta).encode()}
-
-
-def write_shapesworld_pairs(
-    world: ShapesWorld,
-    root: str | Path,
-    split: str = "train",
-    num_samples: int = 1000,
-    shard_size: int = 100,
-    image_format: str = "png",
-    caption_ids: Sequence[int] | None = None,
-) -> list[str]:
-    """Write ``num_samples`` ShapesWorld pairs of ``split`` as img2dataset shards ``{root}/00000.tar``, ... of
-    ``shard_size`` samples and return their paths (:func:`shard_pattern` gives the brace pattern).
-
-    Sample ``i`` is :func:`shapesworld_pair_record`: key ``f"{i:09d}"``, members ``.png`` (or ``.jpg`` /
-    ``.webp``; JPEG shifts ShapesWorld's colours, so PNG is the default), ``.txt`` and ``.json``.
-    """
-    if num_samples < 1 or shard_size < 1:
-        raise ValueError(f"num_samples {num_samples} and shard_size {shard_size} must be positive")
-    if image_format not in PIL_FORMATS:
-        raise ValueError(f"image_format {image_format!r} is not one of {sorted(PIL_FORMATS)}")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for shard in range(math.ceil(num_samples / shard_size)):
-        path = str(root / f"{shard:05d}.tar")
-        with TarWriter(path, encoder=False, mtime=0) as sink:
-            for index in range(shard * shard_size, min(num_samples, (shard + 1) * shard_size)):
-                sink.write(shapesworld_pair_record(world, split, index, image_format, caption_ids))
-        paths.append(path)
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------- data module
-class ImageTextDataModule(StreamingDataModule):
-    """Image-text pairs from img2dataset webdataset shards (LAION, CC3M, ...; ShapesWorld writes them with
-    :func:`write_shapesworld_pairs`). Training reads the shards shuffled and repeating; validation reads
-    its shards once, in order.
-
-    Args:
-        urls: training shards: a brace pattern (``/data/laion/{00000..00999}.tar``) or a list of them.
-        val_urls: held-out shards, read once in order; none by default.
-        image_size: side of the square images (must match the vision backbone's input size).
-        image_first_prob: probability that a pair's image precedes its caption.
-        shuffle_buffer: training samples of a shard pass through a shuffle buffer this long.
-        batch_size: samples per batch.
-        num_workers: DataLoader worker processes; each reads its own shards.
-        seed: seeds the shard order, the in-shard shuffle and the image/caption order.
-        shapesworld: write ShapesWorld pairs to ``urls`` / ``val_urls`` first, where not yet written:
-            ``{train: n, val: n}`` samples and ShapesWorld arguments (see :class:`StreamingDataModule`).
-        sequencer: a SequenceBuilder; by default the trained model's.
-    """
-
-    def __init__(
-        self,
-        urls: str | list[str],
-        val_urls: str | list[str] | None = None,
-        image_size: int = 32,
-        image_first_prob: float = 0.5,
-        shuffle_buffer: int = 1000,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-        shapesworld: dict[str, Any] | None = None,
-        sequencer: SequenceBuilder | None = None,
-    ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
-        self.urls, self.val_urls, self.image_size = urls, val_urls, image_size
-        self.image_first_prob, self.shuffle_buffer = image_first_prob, shuffle_buffer
-
-    def setup(self, stage: str | None = None) -> None:
-        self.check_image_size(self.image_size)
-
-    def source(self, urls: str | list[str], train: bool) -> ImageTextShards:
-        return ImageTextShards(
-            urls,
-            self.image_size,
-            image_first_prob=self.image_first_prob,
-            shuffle_buffer=self.shuffle_buffer,
-            shuffle=train,
-            repeat=train,
-            seed=self.seed,
-        )
-
-    def paths(self, split: str) -> str | list[str] | None:
-        return self.urls if split == "train" else self.val_urls
-
-    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
-        shard_size = math.ceil(num_samples / num_files)
-        return write_shapesworld_pairs(self.world, root, split, num_samples, shard_size=shard_size)
-
-    def train_source(self) -> ImageTextShards:
-        return self.source(self.urls, train=True)
-
-    def val_source(self) -> ImageTextShards | None:
-        return None if self.val_urls is None else self.source(self.val_urls, train=False)

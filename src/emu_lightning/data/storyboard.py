@@ -44,11 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from emu_lightning.data.modules import StreamingDataModule
 from emu_lightning.data.pairs import decode_image
 from emu_lightning.data.streaming import Skip, StreamingSource, empty_source
-from emu_lightning.data.world import ShapesWorld
-from emu_lightning.sequence import SequenceBuilder
 
 _VTT_TIME = re.compile(r"(?:(\d{2,}):)?([0-5]\d):([0-5]\d)\.(\d{3})")
 _TAG = re.compile(r"<[^>]*>")
@@ -226,7 +223,8 @@ class StoryboardVideos(StreamingSource):
     Args:
         paths: an index jsonl, or a list of them.
         root: folder that frame and subtitle paths are relative to; by default each index's own folder.
-        image_size: side of the square frames (shorter side resized, then centre-cropped).
+        image_size: side S of the square frames, the whole picture resized to S x S (bicubic, the
+            library's one transform); by default the model's (set by the DataModule).
         max_frames: most frames per document; longer storyboards keep evenly spaced frames.
         lines_per_unit: documents per unit, the grain at which ranks and workers split an index.
         name: the source's name in sample metadata and skip counts.
@@ -240,7 +238,7 @@ class StoryboardVideos(StreamingSource):
         self,
         paths: str | Path | Sequence[str | Path],
         root: str | Path | None = None,
-        image_size: int = 224,
+        image_size: int | None = None,
         max_frames: int = 8,
         lines_per_unit: int = 16,
         name: str = "storyboard",
@@ -250,7 +248,7 @@ class StoryboardVideos(StreamingSource):
         split_by_node: bool = True,
     ) -> None:
         super().__init__(name, shuffle=shuffle, repeat=repeat, seed=seed, split_by_node=split_by_node)
-        if image_size < 1 or max_frames < 1 or lines_per_unit < 1:
+        if (image_size is not None and image_size < 1) or max_frames < 1 or lines_per_unit < 1:
             raise ValueError(
                 f"image_size {image_size}, max_frames {max_frames} and lines_per_unit {lines_per_unit} must be >= 1"
             )
@@ -259,11 +257,14 @@ class StoryboardVideos(StreamingSource):
             raise ValueError("no storyboard index given")
         self.root = Path(root) if root is not None else None
         self.image_size, self.max_frames = image_size, max_frames
-        self.chunks = [chunk for path in paths for chunk in index_jsonl(path, lines_per_unit)]
-        if not self.chunks:
-            empty_source(self, f"storyboard index {[str(p) for p in paths]} lists no videos")
+        self.index_paths, self.lines_per_unit = paths, lines_per_unit
+        self.chunks: list[IndexChunk] | None = None  # indexed on first use: a writer may create the index after this
 
     def units(self) -> list[IndexChunk]:
+        if self.chunks is None:
+            self.chunks = [chunk for path in self.index_paths for chunk in index_jsonl(path, self.lines_per_unit)]
+            if not self.chunks:
+                empty_source(self, f"storyboard index {[str(p) for p in self.index_paths]} lists no videos")
         return self.chunks
 
     def read(self, unit: IndexChunk, rng: np.random.Generator) -> Iterator[dict[str, Any] | Skip]:
@@ -315,109 +316,3 @@ class StoryboardVideos(StreamingSource):
             yield Skip("no_frames", video_id)
             return
         yield {"items": interleave(loaded, cues), "id": video_id, "times": [t for t, _ in loaded]}
-
-
-# ---------------------------------------------------------------------- ShapesWorld writer
-def write_shapesworld_storyboard(
-    world: ShapesWorld,
-    root: str | Path,
-    split: str = "train",
-    num_videos: int = 16,
-    frames_per_video: int = 4,
-    seconds_per_frame: float = 2.0,
-    subtitles: str = "vtt",
-) -> Path:
-    """Write ShapesWorld storyboards in this module's layout and return ``{root}/index_{split}.jsonl``.
-
-    Video ``i`` shows the successive scenes ``i * frames_per_video + k`` (PNG frames at
-    ``k * seconds_per_frame`` seconds); its subtitles say what is on screen: one cue per frame, from the
-    frame's time to the next one's, with the scene's positional caption. ``subtitles="vtt"`` writes a WebVTT
-    file per video, ``"json"`` puts the cues inline in the index.
-    """
-    if subtitles not in ("vtt", "json"):
-        raise ValueError(f"subtitles {subtitles!r} must be 'vtt' or 'json'")
-    root = Path(root)
-    index_path = root / f"index_{split}.jsonl"
-    (root / "subtitles").mkdir(parents=True, exist_ok=True)
-    with index_path.open("w") as index:
-        for i in range(num_videos):
-            video_id = f"{split}_{i:06d}"
-            folder = root / "frames" / video_id
-            folder.mkdir(parents=True, exist_ok=True)
-            frames, cues = [], []
-            for k in range(frames_per_video):
-                scene_index = i * frames_per_video + k
-                image = world.image(split, scene_index)
-                name = f"frames/{video_id}/{k:03d}.png"
-                Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(root / name)
-                time = k * seconds_per_frame
-                frames.append({"time": time, "image": name})
-                caption = world.captions(world.scene(split, scene_index))[1]
-                cues.append(Cue(time, time + seconds_per_frame, caption))
-            if subtitles == "vtt":
-                vtt = f"subtitles/{video_id}.vtt"
-                (root / vtt).write_text(write_vtt(cues))
-                entry: str | list = vtt
-            else:
-                entry = [{"start": c.start, "end": c.end, "text": c.text} for c in cues]
-            index.write(json.dumps({"video_id": video_id, "frames": frames, "subtitles": entry}) + "\n")
-    return index_path
-
-
-# ---------------------------------------------------------------------- DataModule
-class StoryboardDataModule(StreamingDataModule):
-    """Interleaved storyboard frames and subtitles: a shuffled, repeating training reader and an optional
-    held-out one (one pass, in order).
-
-    Args:
-        paths: the training index jsonl (or a list of them).
-        val_paths: a held-out index (or list); None: no validation data.
-        root: folder that frame and subtitle paths are relative to; by default each index's folder.
-        image_size: side of the square frames (must match the vision backbone's input size).
-        max_frames: most frames per document (evenly spaced when a storyboard has more).
-        lines_per_unit: documents per unit, the grain at which ranks and workers split an index.
-        batch_size: samples per batch.
-        num_workers: DataLoader worker processes.
-        seed: seeds shuffling.
-        shapesworld: write ShapesWorld storyboards (frames, WebVTT subtitles, ``index_<split>.jsonl``) to
-            ``paths`` / ``val_paths`` first, where not yet written: ``{train: n, val: n}`` videos and ShapesWorld
-            arguments (see :class:`StreamingDataModule`).
-        sequencer: a SequenceBuilder; by default the trained model's.
-    """
-
-    def __init__(
-        self,
-        paths: str | list[str],
-        val_paths: str | list[str] | None = None,
-        root: str | None = None,
-        image_size: int = 32,
-        max_frames: int = 8,
-        lines_per_unit: int = 16,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-        shapesworld: dict[str, Any] | None = None,
-        sequencer: SequenceBuilder | None = None,
-    ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
-        self.train_paths, self.val_paths, self.root, self.image_size = paths, val_paths, root, image_size
-        self.reader_args = dict(image_size=image_size, max_frames=max_frames, lines_per_unit=lines_per_unit, seed=seed)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.check_image_size(self.reader_args["image_size"])
-
-    def paths(self, split: str) -> str | list[str] | None:
-        return self.train_paths if split == "train" else self.val_paths
-
-    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
-        return [str(write_shapesworld_storyboard(self.world, root, split, num_videos=num_samples))]
-
-    def train_source(self) -> StoryboardVideos:
-        return StoryboardVideos(self.train_paths, self.root, shuffle=True, repeat=True, **self.reader_args)
-
-    def val_source(self) -> StoryboardVideos | None:
-        if self.val_paths is None:
-            return None
-        return StoryboardVideos(
-            self.val_paths, self.root, shuffle=False, repeat=False, name="storyboard_val", **self.reader_args
-        )

@@ -25,6 +25,7 @@ passes before, and workers take over the saved ones' roles so that batches come 
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections import Counter
@@ -165,6 +166,11 @@ class StreamingSource(IterableDataset):
         split_by_node: split units across distributed ranks (False: every rank reads all of them).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> StreamingSource:
+        self = super().__new__(cls)
+        self._given = (args, kwargs)  # what the reader was built with, for held_out (unpickling passes nothing)
+        return self
+
     def __init__(
         self, name: str, shuffle: bool = True, repeat: bool = True, seed: int = 0, split_by_node: bool = True
     ) -> None:
@@ -177,6 +183,25 @@ class StreamingSource(IterableDataset):
         """Set before iterating to continue from saved positions (see the module docstring)."""
         self.skip_examples: dict[str, str] = {}
         """The first skip of each reason, naming its file and record (``shard.tar:000123: ...``)."""
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The arguments this reader was built with, by name (defaults left out)."""
+        args, kwargs = self._given
+        return dict(inspect.signature(type(self)).bind_partial(*args, **kwargs).arguments)
+
+    def held_out(self, **changes: Any) -> StreamingSource:
+        """A one-pass, in-order copy of this reader for evaluation (named ``<name>_val``), with ``changes`` to its
+        arguments (its paths, typically); a reader with a ``train`` switch (random frame times) gets ``train=False``."""
+        parameters = inspect.signature(type(self)).parameters
+        unknown = sorted(set(changes) - set(parameters))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no argument(s) {unknown}; it takes {list(parameters)}")
+        fixed = {"shuffle": False, "repeat": False, **({"train": False} if "train" in parameters else {})}
+        args = {**self.init_args, "name": f"{self.name}_val", **fixed, **changes}
+        if getattr(self, "image_size", None) is not None and "image_size" in parameters:
+            args.setdefault("image_size", self.image_size)
+        return type(self)(**args)
 
     # ------------------------------------------------------------------ subclass interface
     def units(self) -> list[Any]:
@@ -208,6 +233,11 @@ class StreamingSource(IterableDataset):
         return base + (self._iterations - 1) * 1_000_003, position
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if hasattr(self, "image_size") and self.image_size is None:
+            raise ValueError(
+                f"source {self.name!r} has no image_size: give it, or read it through a DataModule attached to a model "
+                "(which takes the vision backbone's)"
+            )
         everything = list(enumerate(self.units()))
         if not everything and self.repeat:  # an empty training source would silently vanish from every batch
             raise DataSourceError(f"source {self.name!r} has nothing to read: it lists no units (no files or rows)")

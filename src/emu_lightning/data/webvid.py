@@ -28,18 +28,12 @@ from typing import Any
 import av
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from emu_lightning.data.modules import StreamingDataModule
 from emu_lightning.data.streaming import Skip, StreamingSource, empty_source
-from emu_lightning.data.world import BACKGROUND, ShapesWorld
 from emu_lightning.images import ImageTransform
-from emu_lightning.sequence import SequenceBuilder
 
 REQUIRED_COLUMNS = ("videoid", "page_dir", "name")
-DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0), "up": (0.0, -1.0)}
-"""Motion directions of ShapesWorld videos, as (dx, dy) in image coordinates."""
 _ISO_DURATION = re.compile(r"PT(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?")
 _EPS = 1e-6  # seconds: a frame whose timestamp equals a target time (up to rounding) is shown at that time
 
@@ -241,7 +235,8 @@ class WebVidVideos(StreamingSource):
         csv: a WebVid csv, or a list of them.
         video_dir: folder holding ``{page_dir}/{videoid}.mp4``; by default each csv's own folder.
         num_frames: frames sampled per clip, one per equal segment.
-        image_size: side of the square frames (shorter side resized, then centre-cropped).
+        image_size: side S of the square frames, the whole picture resized to S x S (bicubic, the
+            library's one transform); by default the model's (set by the DataModule).
         train: sample a random time in each segment (from the reader's seeded rng); False: each segment's centre.
         video_first_prob: probability that the frames come before the caption (else after it).
         rows_per_unit: csv rows per unit, the grain at which ranks and workers split a csv.
@@ -257,7 +252,7 @@ class WebVidVideos(StreamingSource):
         csv: str | Path | Sequence[str | Path],
         video_dir: str | Path | None = None,
         num_frames: int = 8,
-        image_size: int = 224,
+        image_size: int | None = None,
         train: bool = True,
         video_first_prob: float = 0.5,
         rows_per_unit: int = 64,
@@ -268,7 +263,7 @@ class WebVidVideos(StreamingSource):
         split_by_node: bool = True,
     ) -> None:
         super().__init__(name, shuffle=shuffle, repeat=repeat, seed=seed, split_by_node=split_by_node)
-        if num_frames < 1 or image_size < 1 or rows_per_unit < 1:
+        if num_frames < 1 or (image_size is not None and image_size < 1) or rows_per_unit < 1:
             raise ValueError(
                 f"num_frames {num_frames}, image_size {image_size} and rows_per_unit {rows_per_unit} must be >= 1"
             )
@@ -280,11 +275,14 @@ class WebVidVideos(StreamingSource):
         self.video_dir = Path(video_dir) if video_dir is not None else None
         self.num_frames, self.image_size, self.train = num_frames, image_size, train
         self.video_first_prob = video_first_prob
-        self.chunks = [chunk for path in paths for chunk in index_csv(path, rows_per_unit)]
-        if not self.chunks:
-            empty_source(self, f"WebVid csv {[str(p) for p in paths]} holds a header but no rows")
+        self.csv_paths, self.rows_per_unit = paths, rows_per_unit
+        self.chunks: list[CsvChunk] | None = None  # indexed on first use: a writer may create the csv after this
 
     def units(self) -> list[CsvChunk]:
+        if self.chunks is None:
+            self.chunks = [chunk for path in self.csv_paths for chunk in index_csv(path, self.rows_per_unit)]
+            if not self.chunks:
+                empty_source(self, f"WebVid csv {[str(p) for p in self.csv_paths]} holds a header but no rows")
         return self.chunks
 
     def read(self, unit: CsvChunk, rng: np.random.Generator) -> Iterator[dict[str, Any] | Skip]:
@@ -324,7 +322,7 @@ class WebVidVideos(StreamingSource):
         return {"items": items, "id": fields["videoid"], "times": times}
 
 
-# ---------------------------------------------------------------------- ShapesWorld writer
+# ---------------------------------------------------------------------- writing
 def write_mp4(path: str | Path, frames: Tensor, fps: int, codec: str | None = None) -> None:
     """Encode ``(F, 3, H, W)`` frames in [0, 1] as an mp4 (yuv420p; libx264 when PyAV has it, else mpeg4)."""
     if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[2] % 2 or frames.shape[3] % 2:
@@ -338,123 +336,3 @@ def write_mp4(path: str | Path, frames: Tensor, fps: int, codec: str | None = No
         for rgb in pixels:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
         container.mux(stream.encode())
-
-
-def shapesworld_clip(
-    world: ShapesWorld, split: str, index: int, num_frames: int, travel: float = 0.5
-) -> tuple[Tensor, str]:
-    """A moving-shape clip and its caption: every shape of scene ``index`` crosses ``travel`` of its cell in
-    one direction (right, left, down or up) over ``num_frames`` frames; returns ``(F, 3, S, S)`` frames in
-    [0, 1] and a caption like ``"a small red circle in the top left moves right."``."""
-    scene = world.scene(split, index)
-    rng = world.rng(split, index, stream=6)
-    names = list(DIRECTIONS)
-    moves = [names[int(rng.integers(len(names)))] for _ in scene.shapes]
-    unit = np.array([DIRECTIONS[m] for m in moves])
-    frames = []
-    for k in range(num_frames):
-        progress = k / (num_frames - 1) - 0.5 if num_frames > 1 else 0.0
-        image = Image.new("RGB", (world.image_size, world.image_size), BACKGROUND)
-        world.draw(scene, image, unit * progress * travel)
-        frames.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    phrases = [f"a {s.name()} in the {scene.position(s)} moves {m}" for s, m in zip(scene.shapes, moves)]
-    caption = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return torch.stack(frames), caption + "."
-
-
-def write_shapesworld_webvid(
-    world: ShapesWorld,
-    root: str | Path,
-    split: str = "train",
-    num_videos: int = 64,
-    num_frames: int = 16,
-    fps: int = 8,
-    travel: float = 0.5,
-    codec: str | None = None,
-) -> Path:
-    """Write ShapesWorld moving-shape clips (:func:`shapesworld_clip`) in WebVid's layout: mp4 files at
-    ``{root}/{page_dir}/{videoid}.mp4`` and ``{root}/results_{split}.csv``; returns the csv path."""
-    root = Path(root)
-    csv_path = root / f"results_{split}.csv"
-    root.mkdir(parents=True, exist_ok=True)
-    with csv_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
-        for index in range(num_videos):
-            frames, caption = shapesworld_clip(world, split, index, num_frames, travel)
-            videoid = str(ShapesWorld.image_id(split, index))
-            page = index // 100 * 100
-            page_dir = f"{page + 1:06d}_{page + 100:06d}"
-            (root / page_dir).mkdir(exist_ok=True)
-            write_mp4(root / page_dir / f"{videoid}.mp4", frames, fps, codec)
-            url = f"shapesworld://{split}/{videoid}.mp4"
-            writer.writerow([videoid, url, format_duration(num_frames / fps), page_dir, caption])
-    return csv_path
-
-
-# ---------------------------------------------------------------------- DataModule
-class WebVidDataModule(StreamingDataModule):
-    """WebVid video-text pairs: a shuffled, repeating training reader with random frame times, and an optional
-    held-out reader (one pass, in order, segment centres).
-
-    Args:
-        csv: the training csv (or a list of csvs).
-        val_csv: a held-out csv (or list); None: no validation data.
-        video_dir: folder holding ``{page_dir}/{videoid}.mp4`` for both; by default each csv's folder.
-        num_frames: frames sampled per clip (Emu: 8).
-        image_size: side of the square frames (must match the vision backbone's input size).
-        video_first_prob: probability that the frames precede the caption.
-        rows_per_unit: csv rows per unit, the grain at which ranks and workers split a csv.
-        batch_size: samples per batch.
-        num_workers: DataLoader worker processes.
-        seed: seeds shuffling and frame sampling.
-        shapesworld: write ShapesWorld moving-shape clips (mp4 files and ``results_<split>.csv``) to ``csv`` /
-            ``val_csv`` first, where not yet written: ``{train: n, val: n}`` videos and ShapesWorld arguments
-            (see :class:`StreamingDataModule`).
-        sequencer: a SequenceBuilder; by default the trained model's.
-    """
-
-    def __init__(
-        self,
-        csv: str | list[str],
-        val_csv: str | list[str] | None = None,
-        video_dir: str | None = None,
-        num_frames: int = 8,
-        image_size: int = 32,
-        video_first_prob: float = 0.5,
-        rows_per_unit: int = 64,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        seed: int = 0,
-        shapesworld: dict[str, Any] | None = None,
-        sequencer: SequenceBuilder | None = None,
-    ) -> None:
-        super().__init__(batch_size, num_workers, sequencer, seed=seed, shapesworld=shapesworld)
-        self.csv, self.val_csv, self.video_dir, self.image_size = csv, val_csv, video_dir, image_size
-        self.reader_args = dict(
-            num_frames=num_frames,
-            image_size=image_size,
-            video_first_prob=video_first_prob,
-            rows_per_unit=rows_per_unit,
-            seed=seed,
-        )
-
-    def setup(self, stage: str | None = None) -> None:
-        self.check_image_size(self.reader_args["image_size"])
-
-    def paths(self, split: str) -> str | list[str] | None:
-        return self.csv if split == "train" else self.val_csv
-
-    def write_shapesworld(self, root: Path, split: str, num_samples: int, num_files: int) -> list[str]:
-        if self.video_dir is not None and Path(self.video_dir) != root:
-            raise ValueError(f"ShapesWorld writes the videos beside the csv: set video_dir to {root} or leave it out")
-        return [str(write_shapesworld_webvid(self.world, root, split, num_videos=num_samples))]
-
-    def train_source(self) -> WebVidVideos:
-        return WebVidVideos(self.csv, self.video_dir, train=True, shuffle=True, repeat=True, **self.reader_args)
-
-    def val_source(self) -> WebVidVideos | None:
-        if self.val_csv is None:
-            return None
-        args = dict(self.reader_args, name="webvid_val")
-        return WebVidVideos(self.val_csv, self.video_dir, train=False, shuffle=False, repeat=False, **args)

@@ -5,13 +5,12 @@ per number of shots (``eval/<task>_<k>shot``, with ``_std`` over seeds), and wri
 table per step to ``<run dir>/eval/``, with sample predictions beside references. Under DDP each rank
 predicts a strided shard of the queries (no padding duplicates), the predictions are gathered, and every
 rank scores the same union; demonstrations depend only on (seed, query), never on the number of ranks.
-Each reads its data files, or with ``shapesworld: true`` writes a ShapesWorld set in the same on-disk format into
-the run folder; one of them must be given.
+Each reads its data files, which it requires; a subclass may write its own set first (the offline default's
+ShapesWorld sets, :mod:`emu_lightning.shapesworld.eval`, written into the run folder).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from emu_lightning.data.coco import load_image, read_karpathy
-from emu_lightning.data.owned import write_once
 from emu_lightning.data.vqa import read_vqa
-from emu_lightning.data.world import ShapesWorld
 from emu_lightning.distributed import gather_dicts, rank_zero_first
 from emu_lightning.eval.metrics import (
     cached_feature_stats,
@@ -33,7 +30,6 @@ from emu_lightning.eval.metrics import (
     feature_stats,
     frechet_distance_from_stats,
     make_fid,
-    shapes_attribute_accuracy_batch,
 )
 from emu_lightning.eval.tasks import FewShotTask, PromptTemplate, from_captions, from_vqa
 
@@ -44,6 +40,8 @@ class ScheduledEval(Callback):
     purpose, so its error ends the run."""
 
     task_name = "task"
+    writes_own_data = False
+    """True for a subclass that writes its own evaluation set, so that no data files are required."""
 
     def __init__(self, every_n_steps: int | None, on_validation: bool, strict: bool) -> None:
         self.every_n_steps, self.on_validation, self.strict = every_n_steps, on_validation, strict
@@ -149,7 +147,7 @@ class FewShotEval(ScheduledEval):
         raise NotImplementedError
 
     def build(self, trainer: L.Trainer, pl_module: Any, root: Path) -> FewShotTask:
-        """The task over this callback's examples; ShapesWorld sets are written under ``root`` (the run folder)."""
+        """The task over this callback's examples; sets a subclass writes go under ``root`` (the run folder)."""
         queries, support = self.examples(trainer, pl_module, root / "eval_data")
         if self.num_queries is not None:
             queries = queries[: self.num_queries]
@@ -168,7 +166,7 @@ class FewShotEval(ScheduledEval):
         """Evaluate now, outside the schedule (e.g. before training): results are recorded in ``history``
         and written to the run folder, but not logged."""
         root = run_dir(trainer)  # a collective under DDP: every rank asks, before any rank-only branch
-        if self.task is None:  # rank 0 writes any ShapesWorld files, then the other ranks read them
+        if self.task is None:  # rank 0 writes any evaluation files, then the other ranks read them
             self.task = rank_zero_first(lambda: self.build(trainer, pl_module, root), f"{self.task_name} set-up")
         task, step = self.task, _weights_step(trainer, pl_module)
         shard = range(trainer.global_rank, len(task.queries), trainer.world_size)
@@ -182,7 +180,7 @@ class FewShotEval(ScheduledEval):
 
 
 class CaptioningEval(FewShotEval):
-    """Zero-/few-shot captioning scored with CIDEr (x100), from COCO Karpathy files or ShapesWorld.
+    """Zero-/few-shot captioning scored with CIDEr (x100), from COCO Karpathy files.
 
     Args:
         karpathy_json: Karpathy's ``dataset_coco.json``.
@@ -191,8 +189,6 @@ class CaptioningEval(FewShotEval):
             ``captions_val2014.json`` for Karpathy's test split). Demonstrations use the Karpathy file's sentences.
         split: evaluated split (``test``).
         support_split: where demonstrations come from (``train``).
-        shapesworld: instead of files, write a ShapesWorld set in Karpathy's format into the run folder.
-        shapesworld_support: ShapesWorld training images written for demonstrations.
         kwargs: the schedule and prompt options of :class:`FewShotEval`.
     """
 
@@ -207,27 +203,19 @@ class CaptioningEval(FewShotEval):
         annotations_json: str | None = None,
         split: str = "test",
         support_split: str = "train",
-        shapesworld: bool = False,
-        shapesworld_support: int = 200,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _data_or_shapesworld("CaptioningEval", karpathy_json, "karpathy_json", shapesworld)
+        if not self.writes_own_data:
+            _require(self, karpathy_json=karpathy_json, image_root=image_root)
         self.files = (karpathy_json, image_root, annotations_json)
-        self.split, self.support_split, self.shapesworld_support = split, support_split, shapesworld_support
+        self.split, self.support_split = split, support_split
 
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
-        karpathy, image_root, annotations = self.files
-        if karpathy is None:
-            world, sizes = (
-                _world(trainer, pl_module),
-                {"train": self.shapesworld_support, "test": self.num_queries or 100},
-            )
-            write_once(root / "coco", "coco", {**vars(world), "sizes": sizes},
-                       functools.partial(world.write_coco_karpathy, root / "coco", sizes))  # fmt: skip
-            karpathy, image_root, annotations = root / "coco" / "dataset_coco.json", root / "coco", None
-        if image_root is None:
-            raise ValueError("CaptioningEval: karpathy_json is given but image_root is not")
+        return self.read(*self.files)
+
+    def read(self, karpathy: str | Path, image_root: str | Path, annotations: str | Path | None) -> tuple[list, list]:
+        """Queries of ``split`` and demonstrations of ``support_split`` from Karpathy's file."""
         queries = from_captions(read_karpathy(karpathy, image_root, self.split, annotations))
         # Demonstrations come from another split (train2014 images for Karpathy's train): their captions are the
         # Karpathy file's own sentences, not the evaluated split's annotation file.
@@ -236,7 +224,7 @@ class CaptioningEval(FewShotEval):
 
 
 class VQAEval(FewShotEval):
-    """Zero-/few-shot VQA scored with the official VQA accuracy (x100), from VQAv2-format files or ShapesWorld.
+    """Zero-/few-shot VQA scored with the official VQA accuracy (x100), from VQAv2-format files.
 
     OK-VQA and VizWiz share the format.
 
@@ -249,8 +237,6 @@ class VQAEval(FewShotEval):
         support_annotations_json: their annotations.
         support_image_root: folder of the support images.
         support_image_template: support image file name from ``image_id``.
-        shapesworld: instead of files, write ShapesWorld sets in the VQAv2 format into the run folder.
-        shapesworld_support: ShapesWorld training images (6 questions each) written for demonstrations.
         kwargs: the schedule and prompt options of :class:`FewShotEval`.
     """
 
@@ -269,35 +255,24 @@ class VQAEval(FewShotEval):
         support_annotations_json: str | None = None,
         support_image_root: str | None = None,
         support_image_template: str = "COCO_train2014_{image_id:012d}.jpg",
-        shapesworld: bool = False,
-        shapesworld_support: int = 50,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        _data_or_shapesworld("VQAEval", questions_json, "questions_json", shapesworld)
+        if not self.writes_own_data:
+            _require(self, questions_json=questions_json, annotations_json=annotations_json, image_root=image_root,
+                     support_questions_json=support_questions_json, support_annotations_json=support_annotations_json,
+                     support_image_root=support_image_root)  # fmt: skip
         self.query_files = (questions_json, annotations_json, image_root, image_template)
         self.support_files = (support_questions_json, support_annotations_json, support_image_root,
                               support_image_template)  # fmt: skip
-        self.shapesworld_support = shapesworld_support
 
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
-        query_files, support_files = self.query_files, self.support_files
-        if query_files[0] is None:
-            world = _world(trainer, pl_module)
-            sizes = {"val": max(1, (self.num_queries or 100) // 6 + 1), "train": self.shapesworld_support}
-            val, train = (write_once(root / "vqa", f"vqa-{split}", {**vars(world), "images": n},
-                                     functools.partial(world.write_vqav2, root / "vqa", split, n))
-                          for split, n in sizes.items())  # fmt: skip
-            query_files = (val["questions"], val["annotations"], val["images"], val["image_template"])
-            support_files = (train["questions"], train["annotations"], train["images"], train["image_template"])
-        if support_files[0] is None:
-            raise ValueError("VQAEval: questions_json is given but support_questions_json is not")
-        return from_vqa(read_vqa(*query_files)), from_vqa(read_vqa(*support_files))
+        return from_vqa(read_vqa(*self.query_files)), from_vqa(read_vqa(*self.support_files))
 
 
 class TextToImageEval(ScheduledEval):
-    """Text-to-image: one image per caption with the model's ``generate_image``, scored by FID and, on ShapesWorld,
-    by the pixel-based attribute accuracy (is the requested colour / shape where the caption puts it).
+    """Text-to-image: one image per caption with the model's ``generate_image``, scored by FID (a subclass may add
+    scores: ShapesWorld's attribute accuracy, :class:`emu_lightning.shapesworld.ShapesWorldTextToImageEval`).
 
     FID uses the offline ``shapes-colour-hist-v1`` features unless ``inception_path`` names local Inception-v3
     FID weights; results are labelled with the extractor (``FID[<name>]``). Real statistics are computed once
@@ -311,7 +286,6 @@ class TextToImageEval(ScheduledEval):
         captions_json: COCO captions annotation file (``captions_val2014.json``).
         image_root: folder of the real images for ``captions_json``.
         image_template: real image file name from ``image_id``.
-        shapesworld: instead of files, draw ShapesWorld's validation scenes (their captions and images).
         real_size: side the real images are resized to (the COCO protocol: 256).
         guidance_scale: classifier-free guidance scale passed to ``generate_image``.
         steps: diffusion sampling steps passed to ``generate_image``.
@@ -331,7 +305,6 @@ class TextToImageEval(ScheduledEval):
         captions_json: str | None = None,
         image_root: str | None = None,
         image_template: str = "COCO_val2014_{image_id:012d}.jpg",
-        shapesworld: bool = False,
         real_size: int = 256,
         guidance_scale: float = 7.5,
         steps: int = 50,
@@ -342,43 +315,42 @@ class TextToImageEval(ScheduledEval):
         strict: bool = False,
     ) -> None:
         super().__init__(every_n_steps, on_validation, strict)
-        _data_or_shapesworld("TextToImageEval", captions_json, "captions_json", shapesworld)
+        if not self.writes_own_data:
+            _require(self, captions_json=captions_json, image_root=image_root)
         self.num_prompts, self.seed, self.batch_size = num_prompts, seed, batch_size
         self.captions_json, self.image_root, self.image_template = captions_json, image_root, image_template
         self.real_size, self.guidance_scale, self.steps = real_size, guidance_scale, steps
         self.extractor, self.inception_path, self.stats_cache_dir = extractor, inception_path, stats_cache_dir
         self._warned = False
         self._prompts: list[tuple[Any, str]] | None = None
-        self._scenes: dict[Any, Any] = {}
         self._fid: Any = None
         self.last_images: torch.Tensor | None = None
         self.last_keys: list[Any] = []
 
     task_name = "text_to_image"
 
+    def prompts(self, trainer: L.Trainer, pl_module: Any) -> tuple[list[tuple[Any, str]], Any, str]:
+        """``(prompts, real, source)``: ``(key, caption)`` pairs, a function loading the real images (a ``(N, 3, H, W)``
+        tensor in [0, 1]) and a name of that set for the statistics cache."""
+        by_image: dict[int, list[str]] = {}
+        for a in json.loads(Path(self.captions_json).read_text())["annotations"]:
+            by_image.setdefault(int(a["image_id"]), []).append(a["caption"].strip())
+        prompts = coco30k_prompts(by_image, self.num_prompts, self.seed)
+
+        def real() -> torch.Tensor:
+            paths = [Path(self.image_root) / self.image_template.format(image_id=i) for i, _ in prompts]
+            images = [load_image(p, self.real_size) for p in paths]
+            return torch.stack([im for im in images if im is not None])
+
+        return prompts, real, f"{Path(self.captions_json).stem}-{self.num_prompts}-seed{self.seed}-{self.real_size}px"
+
+    def extra_scores(self, images: torch.Tensor, keys: list[Any]) -> dict[str, Any]:
+        """Scores beside FID for the generated ``images`` of prompts ``keys`` (none here; subclasses add theirs)."""
+        return {}
+
     def _setup(self, trainer: L.Trainer, pl_module: Any, root: Path) -> None:
         self._fid = make_fid(self.extractor, self.inception_path)
-        if self.captions_json is None:
-            world = _world(trainer, pl_module)
-            self._scenes = {i: world.scene("val", i) for i in range(self.num_prompts)}
-            # The caption that names positions: the attribute check looks for each shape in its cell.
-            self._prompts = [(i, world.captions(scene)[1]) for i, scene in self._scenes.items()]
-            real = lambda: torch.stack([world.image("val", i) for i in self._scenes])  # noqa: E731
-            source = f"shapesworld-val-seed{world.seed}-{world.image_size}px"
-        else:
-            if self.image_root is None:
-                raise ValueError("TextToImageEval: captions_json is given but image_root is not")
-            by_image: dict[int, list[str]] = {}
-            for a in json.loads(Path(self.captions_json).read_text())["annotations"]:
-                by_image.setdefault(int(a["image_id"]), []).append(a["caption"].strip())
-            self._prompts = coco30k_prompts(by_image, self.num_prompts, self.seed)
-
-            def real() -> torch.Tensor:
-                paths = [Path(self.image_root) / self.image_template.format(image_id=i) for i, _ in self._prompts]
-                images = [load_image(p, self.real_size) for p in paths]
-                return torch.stack([im for im in images if im is not None])
-
-            source = f"{Path(self.captions_json).stem}-{self.num_prompts}-seed{self.seed}-{self.real_size}px"
+        self._prompts, real, source = self.prompts(trainer, pl_module)
         cache = Path(self.stats_cache_dir) if self.stats_cache_dir else root / "eval" / "fid_stats"
         name = f"{source}-{self._fid.extractor_name}".replace("/", "_")
         self._real_stats = cached_feature_stats(cache, name, lambda: self._features(real()),
@@ -438,9 +410,7 @@ class TextToImageEval(ScheduledEval):
         value = frechet_distance_from_stats(mu, sigma, *self._real_stats)
         results: dict[str, Any] = {"task": self.task_name, "step": step, "num_prompts": len(keys),
                                    "fid": {"metric": f"FID[{self._fid.extractor_name}]", "value": value}}  # fmt: skip
-        if self._scenes:
-            acc = shapes_attribute_accuracy_batch(fake, [self._scenes[k] for k in keys])
-            results["attributes"] = {k: v for k, v in acc.items() if k != "per_image"}
+        results.update(self.extra_scores(fake, keys))
         self.last_images, self.last_keys = fake, keys
         prompts = dict(self._prompts)
         results["samples"] = [{"key": k, "prompt": prompts[k]} for k in keys[:8]]
@@ -455,20 +425,14 @@ class TextToImageEval(ScheduledEval):
         return results
 
 
-def _data_or_shapesworld(name: str, given: str | None, what: str, shapesworld: bool) -> None:
-    """Exactly one source of evaluation data: the real files or, explicitly, the built-in ShapesWorld set."""
-    if given is None and not shapesworld:
-        raise ValueError(f"{name} needs {what} (your data files), or shapesworld: true for the built-in toy set")
-    if given is not None and shapesworld:
-        raise ValueError(f"{name} got {what} and shapesworld: true; give one of them")
-
-
-def _world(trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
-    """The training data's ShapesWorld, or one at the model's image size."""
-    world = getattr(trainer.datamodule, "world", None) if trainer.datamodule is not None else None
-    if isinstance(world, ShapesWorld):
-        return world
-    return ShapesWorld(image_size=getattr(getattr(pl_module, "vision", None), "image_size", 32))
+def _require(callback: Any, **given: Any) -> None:
+    """The data files a callback reads must all be given (the library never substitutes a toy set for them)."""
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"{type(callback).__name__} needs {', '.join(missing)} (your data files); for the built-in toy set use "
+            f"emu_lightning.shapesworld.ShapesWorld{type(callback).__name__}"
+        )
 
 
 def _log(pl_module: Any, name: str, value: float) -> None:

@@ -5,7 +5,7 @@ What it wrote is recorded in a marker, ``.<name>.json`` in the folder: the write
 created with their sizes (the manifest), and what the writer returned. :func:`write_once` writes when the marker is
 missing or its spec differs, reuses the files when the marker and its manifest match the folder, and refuses, naming
 the folder and some of the files, when the folder holds anything no marker accounts for: a user who points a config
-at their own shards (and leaves the ShapesWorld option on) gets an error, never synthetic shards in their place.
+at their own shards (and leaves the ShapesWorld writer on) gets an error, never synthetic shards in their place.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def write_once(root: str | Path, name: str, spec: dict[str, Any], write: Callabl
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ForeignFilesError(
             f"{root} holds files that ShapesWorld did not write ({shown}); it writes only into an empty or new folder "
-            "or one it wrote itself. To train on these files, remove the `shapesworld:` option of this source; to "
+            "or one it wrote itself. To train on these files, remove this source's ShapesWorld `writer`; to "
             "write ShapesWorld data, point the source's paths at another folder"
         )
     result = json.loads(json.dumps(write(), default=str))

@@ -1,0 +1,114 @@
+"""The evaluation callbacks on ShapesWorld sets: each writes its set in the real format (COCO Karpathy, VQAv2) into
+the run folder and evaluates it through the same readers as real files; text-to-image adds the attribute accuracy.
+
+The world is the training data's (:func:`find_world`), so held-out scenes come from the same distribution and
+image size; without ShapesWorld training data, one at the model's image size.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
+from emu_lightning.shapesworld.metrics import shapes_attribute_accuracy_batch
+from emu_lightning.shapesworld.owned import write_once
+from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import ShapesWorldWriter
+
+
+def find_world(datamodule: Any, image_size: int | None = None) -> ShapesWorld | None:
+    """The ShapesWorld a DataModule trains on: a :class:`ShapesWorldDataModule`'s, its ShapesWorld writer's, or the
+    first of a mixture's sources that has one; None for real data. ``image_size`` is the model's: the world's when
+    the DataModule leaves it to the model and is not attached to one yet."""
+    from emu_lightning.shapesworld.datamodule import ShapesWorldDataModule
+
+    if isinstance(datamodule, ShapesWorldDataModule):
+        if datamodule.image_size is None and datamodule.model_image_size() is None:
+            datamodule.image_size = image_size
+        return datamodule.world
+    writer, reader = getattr(datamodule, "writer", None), getattr(datamodule, "reader", None)
+    if isinstance(writer, ShapesWorldWriter):
+        size = reader.image_size or image_size
+        return writer.world(size) if size is not None else None
+    for source in getattr(datamodule, "sources", {}).values():
+        world = find_world(source, image_size)
+        if world is not None:
+            return world
+    return None
+
+
+def _world(trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
+    size = pl_module.vision.image_size
+    world = find_world(trainer.datamodule, size)
+    return world if world is not None else ShapesWorld(image_size=size)
+
+
+class ShapesWorldCaptioningEval(CaptioningEval):
+    """:class:`~emu_lightning.eval.callbacks.CaptioningEval` on a ShapesWorld set written in Karpathy's format.
+
+    Args:
+        support: training images written for demonstrations (the ``test`` split has ``num_queries`` images).
+        kwargs: the schedule and prompt options of :class:`~emu_lightning.eval.callbacks.FewShotEval`.
+    """
+
+    writes_own_data = True
+
+    def __init__(self, support: int = 200, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.support = support
+
+    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
+        world, sizes = _world(trainer, pl_module), {"train": self.support, "test": self.num_queries or 100}
+        write_once(root / "coco", "coco", {**vars(world), "sizes": sizes},
+                   functools.partial(world.write_coco_karpathy, root / "coco", sizes))  # fmt: skip
+        return self.read(root / "coco" / "dataset_coco.json", root / "coco", None)
+
+
+class ShapesWorldVQAEval(VQAEval):
+    """:class:`~emu_lightning.eval.callbacks.VQAEval` on ShapesWorld sets written in the VQAv2 format.
+
+    Args:
+        support: training images (6 questions each) written for demonstrations.
+        kwargs: the schedule and prompt options of :class:`~emu_lightning.eval.callbacks.FewShotEval`.
+    """
+
+    writes_own_data = True
+
+    def __init__(self, support: int = 50, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.support = support
+
+    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
+        world = _world(trainer, pl_module)
+        sizes = {"val": max(1, (self.num_queries or 100) // 6 + 1), "train": self.support}
+        val, train = (write_once(root / "vqa", f"vqa-{split}", {**vars(world), "images": n},
+                                 functools.partial(world.write_vqav2, root / "vqa", split, n))
+                      for split, n in sizes.items())  # fmt: skip
+        self.query_files = (val["questions"], val["annotations"], val["images"], val["image_template"])
+        self.support_files = (train["questions"], train["annotations"], train["images"], train["image_template"])
+        return super().examples(trainer, pl_module, root)
+
+
+class ShapesWorldTextToImageEval(TextToImageEval):
+    """:class:`~emu_lightning.eval.callbacks.TextToImageEval` on ShapesWorld's validation scenes (their positional
+    captions and images), scored by FID and by the pixel-based attribute accuracy (is the requested colour and shape
+    in the cell the caption names: :func:`~emu_lightning.shapesworld.metrics.shapes_attribute_accuracy_batch`)."""
+
+    writes_own_data = True
+
+    def prompts(self, trainer: L.Trainer, pl_module: Any) -> tuple[list[tuple[Any, str]], Any, str]:
+        world = _world(trainer, pl_module)
+        self._scenes = {i: world.scene("val", i) for i in range(self.num_prompts)}
+        # The caption that names positions: the attribute check looks for each shape in its cell.
+        prompts = [(i, world.captions(scene)[1]) for i, scene in self._scenes.items()]
+        real = lambda: torch.stack([world.image("val", i) for i in self._scenes])  # noqa: E731
+        return prompts, real, f"shapesworld-val-seed{world.seed}-{world.image_size}px"
+
+    def extra_scores(self, images: torch.Tensor, keys: list[Any]) -> dict[str, Any]:
+        acc = shapes_attribute_accuracy_batch(images, [self._scenes[k] for k in keys])
+        return {"attributes": {k: v for k, v in acc.items() if k != "per_image"}}
