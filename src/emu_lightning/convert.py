@@ -302,7 +302,7 @@ def convert_released(
 
         spec = parsed["model"]["decoder"]
         spec = spec.as_dict() if isinstance(spec, Namespace) else dict(spec)
-        built_decoder = _build_decoder(spec, model.resampler.out_dim)
+        built_decoder = _build_decoder(spec, model.resampler.out_dim, model.resampler.num_queries)
         state.update({f"decoder.{k}": v for k, v in built_decoder.state_dict().items()})
     _check_against(model, state, f"released {released.name}" + (f" + {decoder}" if decoder else ""), lora is not None)
     model_config = parsed["model"].as_dict()
@@ -329,11 +329,12 @@ def convert_released(
             "vocab": len(model.tokenizer), "decoder": decoder is not None}  # fmt: skip
 
 
-def _build_decoder(spec: dict[str, Any], cond_dim: int) -> Any:
-    """The decoder a config's ``class_path`` dict describes, for real; ``cond_dim`` (the visual embeddings' width)
-    where the config leaves it to EmuModel."""
+def _build_decoder(spec: dict[str, Any], cond_dim: int, num_queries: int) -> Any:
+    """The decoder a config's ``class_path`` dict describes, for real; ``cond_dim`` and ``num_queries`` (the visual
+    embeddings' width and number) where the config leaves them to EmuModel."""
     module, _, name = spec["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**{"cond_dim": cond_dim, **spec.get("init_args", {})})
+    given = {"cond_dim": cond_dim, "num_queries": num_queries, **spec.get("init_args", {})}
+    return getattr(importlib.import_module(module), name)(**given)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -363,7 +364,10 @@ def export_released(checkpoint: str | Path, out: str | Path, clip_embed_dim: int
     decoder_state = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     if decoder_state:
         spec = hparams["decoder"]
-        decoder = _build_decoder(spec, int(state["llm.regression_head.weight"].shape[0]))
+        queries = hparams["resampler"].get("init_args", {}).get("num_queries")
+        if queries is None:
+            raise ConversionError(f"{checkpoint}: no resampler num_queries in the checkpoint's hyper-parameters")
+        decoder = _build_decoder(spec, int(state["llm.regression_head.weight"].shape[0]), int(queries))
         decoder.load_state_dict(decoder_state, strict=True)
         wrote += decoder.save_pretrained_parts(out)
     return {"out": str(out), "keys": len(released), "lora": lora, "wrote": wrote}

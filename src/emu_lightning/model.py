@@ -58,7 +58,8 @@ class EmuModel(EmuInference, L.LightningModule):
             left out: they are the vision backbone's ``out_dim`` and the language model's ``hidden_size``.
         llm: the language model with its regression head.
         decoder: the visual decoder (diffusion UNet) that turns regressed embeddings into pixels; optional. Its
-            ``cond_dim`` may be left out: it is the resampler's ``out_dim``.
+            ``cond_dim`` and ``num_queries`` may be left out: they are the resampler's ``out_dim`` and
+            ``num_queries``. Likewise an ``MLPProjector``'s ``num_tokens`` is the vision backbone's.
         tokenizer: a local tokenizer folder (the one a pretrained language model was trained with), or a
             :class:`~emu_lightning.tokenizer.TrainedBPE` for a language model trained from scratch. It is stored
             inside every checkpoint, so inference does not need the folder; ``"<checkpoint>"``
@@ -95,7 +96,7 @@ class EmuModel(EmuInference, L.LightningModule):
         vision: VisionBackbone,
         resampler: Resampler | Callable[[int, int], Resampler],
         llm: LanguageModel,
-        decoder: VisualDecoder | Callable[[int], VisualDecoder] | None = None,
+        decoder: VisualDecoder | Callable[[int, int], VisualDecoder] | None = None,
         tokenizer: str | TrainedBPE | None = None,
         max_length: int = 256,
         ce_weight: float = 1.0,
@@ -118,8 +119,9 @@ class EmuModel(EmuInference, L.LightningModule):
         self.save_hyperparameters(ignore=None if given is not None else built)
         if not isinstance(resampler, Resampler):  # widths said once: those of the components it connects
             resampler = resampler(vision.out_dim, llm.hidden_size)
+        resampler.set_num_tokens(vision.num_tokens)
         if decoder is not None and not isinstance(decoder, VisualDecoder):
-            decoder = decoder(resampler.out_dim)
+            decoder = decoder(resampler.out_dim, resampler.num_queries)
         self.vision, self.resampler, self.llm, self.decoder = vision, resampler, llm, decoder
         self._check_widths()
         self.lr_multipliers = _check_names(lr_multipliers or {}, "lr_multipliers")

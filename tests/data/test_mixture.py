@@ -50,22 +50,21 @@ class Indexed(Dataset):
 
 
 class ShardsModule(StreamingDataModule):
+    """A StreamingDataModule over :class:`Shards` (its held-out reader: 2 shards), recording its hook calls."""
+
     def __init__(self, name, num_units=8, broken=False, has_val=True, batch_size=2, num_workers=0, sequencer=None):
-        super().__init__(batch_size, num_workers, sequencer)
-        self.name, self.num_units, self.broken, self.has_val = name, num_units, broken, has_val
+        reader = Shards(name, num_units, broken=broken)
+        val = {"num_units": 2} if has_val else None
+        super().__init__(reader, val=val, batch_size=batch_size, num_workers=num_workers, sequencer=sequencer)
         self.calls = []
 
     def prepare_data(self):
         self.calls.append("prepare_data")
+        super().prepare_data()
 
     def setup(self, stage=None):
         self.calls.append(f"setup {stage}")
-
-    def train_source(self):
-        return Shards(self.name, self.num_units, broken=self.broken, seed=self.seed)
-
-    def val_source(self):
-        return Shards(f"{self.name}-val", 2, shuffle=False, repeat=False) if self.has_val else None
+        super().setup(stage)
 
 
 @pytest.fixture
@@ -161,7 +160,7 @@ def test_children_are_prepared_set_up_and_validated(sequencer):
     assert all(child.calls == ["prepare_data", "setup fit"] for child in children.values())
     assert children["held"].sequencer is sequencer
     batches = list(dm.val_dataloader())
-    assert [s for batch in batches for s in batch["source"]] == ["h-val"] * 10
+    assert [s for batch in batches for s in batch["source"]] == ["h_val"] * 10
     world = MixtureDataModule({"w": ShapesWorldDataModule(image_size=16, val_size=4)}, ratios={"w": 1})
     world.sequencer = sequencer
     batch = next(iter(world.val_dataloader()))
@@ -220,10 +219,10 @@ data:
     val_source: questions
     sources:
       captions:
-        class_path: emu_lightning.data.ShapesWorldDataModule
+        class_path: emu_lightning.shapesworld.ShapesWorldDataModule
         init_args: {image_size: 32, train_size: 50}
       questions:
-        class_path: emu_lightning.data.ShapesWorldDataModule
+        class_path: emu_lightning.shapesworld.ShapesWorldDataModule
         init_args: {image_size: 32, vqa_prob: 1.0, val_size: 8}
 """
     )

@@ -50,6 +50,11 @@ class Resampler(L.LightningModule):
     def forward(self, features: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def set_num_tokens(self, num_tokens: int) -> None:
+        """Told by :class:`~emu_lightning.model.EmuModel`, before anything else, how many tokens the vision backbone
+        emits per image: a resampler whose number of embeddings follows it (one per token) takes it here, so that
+        configs need not repeat it. The default needs nothing."""
+
 
 @dataclass
 class LMOutput:

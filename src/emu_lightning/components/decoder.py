@@ -71,6 +71,8 @@ class DiffusionDecoder(VisualDecoder):
 
     Args:
         cond_dim: width D of Emu's visual embeddings, the UNet's cross-attention input width.
+        num_queries: Q, the number of embeddings in a condition (the resampler's); needed by
+            ``spatial_condition``, and makes ``condition_norm`` per embedding.
         image_size: side of the square output images in pixels.
         unet: ``UNet2DConditionModel`` config fields overriding :data:`TINY_UNET` when building from scratch
             (not with ``pretrained``). ``in_channels``, ``out_channels``, ``sample_size`` and
@@ -101,8 +103,6 @@ class DiffusionDecoder(VisualDecoder):
             pair when ``num_queries`` is given, else each dimension over all Q embeddings. Emu's visual
             embeddings share a large component across images (on tiny ShapesWorld about 90% of their variance),
             which this removes, so what tells images apart is not drowned in it.
-        num_queries: Q, the number of embeddings in a condition (the resampler's); needed by
-            ``spatial_condition``, and makes ``condition_norm`` per embedding.
         spatial_condition: channels of a coarse map computed from all Q embeddings (flattened, through
             :class:`SpatialCondition`) and concatenated, upsampled, to the UNet's input; 0: none. A pretrained
             UNet's first convolution gets that many new zero-initialised input channels.
@@ -117,6 +117,7 @@ class DiffusionDecoder(VisualDecoder):
     def __init__(
         self,
         cond_dim: int,
+        num_queries: int | None = None,
         image_size: int = 32,
         unet: dict[str, Any] | None = None,
         pretrained: str | None = None,
@@ -128,7 +129,6 @@ class DiffusionDecoder(VisualDecoder):
         condition_dropout: float = 0.1,
         pooled_condition: bool = False,
         condition_norm: bool = False,
-        num_queries: int | None = None,
         spatial_condition: int = 0,
         spatial_grid: int = 8,
         spatial_hidden: int = 0,

@@ -274,7 +274,8 @@ class MLPProjector(Resampler):
     Args:
         in_dim: width of the vision backbone's tokens.
         out_dim: width of the output embeddings (the LLM's hidden size).
-        num_tokens: tokens the backbone emits per image (its ``num_tokens``), including prefix tokens.
+        num_tokens: tokens the backbone emits per image, including prefix tokens; by default the backbone's own
+            (:meth:`set_num_tokens`, called by EmuModel).
         num_prefix_tokens: leading tokens to drop (1 drops CLS; LLaVA keeps patch tokens only).
         hidden_dim: MLP hidden width (default: ``out_dim``).
         output_norm: end with a non-affine LayerNorm so regression targets keep a fixed scale.
@@ -284,23 +285,37 @@ class MLPProjector(Resampler):
         self,
         in_dim: int,
         out_dim: int,
-        num_tokens: int,
+        num_tokens: int | None = None,
         num_prefix_tokens: int = 0,
         hidden_dim: int | None = None,
         output_norm: bool = True,
     ) -> None:
         super().__init__()
-        if not 0 <= num_prefix_tokens < num_tokens:
-            raise ValueError(f"num_prefix_tokens {num_prefix_tokens} must be in [0, num_tokens={num_tokens})")
-        self.in_dim, self.out_dim, self.num_tokens = in_dim, out_dim, num_tokens
-        self.num_prefix_tokens = num_prefix_tokens
-        self.num_queries = num_tokens - num_prefix_tokens
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens {num_prefix_tokens} must be >= 0")
+        self.in_dim, self.out_dim, self.num_prefix_tokens = in_dim, out_dim, num_prefix_tokens
+        self.num_tokens: int | None = None
+        if num_tokens is not None:
+            self.set_num_tokens(num_tokens)
         hidden = hidden_dim or out_dim
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU())
         self.head = _OutputHead(hidden, out_dim, output_norm)
 
+    def set_num_tokens(self, num_tokens: int) -> None:
+        if self.num_tokens is not None and num_tokens != self.num_tokens:
+            raise ValueError(f"MLPProjector was built for {self.num_tokens} tokens per image, not {num_tokens}")
+        if not 0 <= self.num_prefix_tokens < num_tokens:
+            raise ValueError(f"num_prefix_tokens {self.num_prefix_tokens} must be in [0, num_tokens={num_tokens})")
+        self.num_tokens = num_tokens
+
+    @property
+    def num_queries(self) -> int:
+        if self.num_tokens is None:
+            raise ValueError("MLPProjector does not know its token count yet: give num_tokens, or build it in EmuModel")
+        return self.num_tokens - self.num_prefix_tokens
+
     def forward(self, features: Tensor) -> Tensor:
-        _check_features(self, features, self.num_tokens)
+        _check_features(self, features, self.num_queries + self.num_prefix_tokens)
         return self.head(self.mlp(features[:, self.num_prefix_tokens :]))
 
 
