@@ -12,11 +12,13 @@ from torch.utils.data import DataLoader
 
 from emu_lightning import shapesworld
 from emu_lightning.conversation import ASSISTANT_TAG, SYSTEM, USER_TAG
-from emu_lightning.data.instruct import InstructionConversations, InstructionDataModule
+from emu_lightning.data import StreamingDataModule
+from emu_lightning.data.instruct import InstructionConversations
 from emu_lightning.data.pairs import decode_image, encode_image
 from emu_lightning.data.streaming import DataSourceError
 from emu_lightning.data.webvid import read_clip, write_mp4
 from emu_lightning.sequence import END_OF_CHUNK, IGNORE_INDEX, SequenceBuilder, to_unit_range
+from emu_lightning.shapesworld import ShapesWorldWriter
 from emu_lightning.shapesworld.world import ShapesWorld
 from emu_lightning.shapesworld.writers import DIALOGUE_KINDS, SAME_NUMBER, write_shapesworld_llava
 
@@ -291,8 +293,8 @@ def test_malformed_json_lines_and_files(media, tmp_path):
     assert [s["id"] for s in source] == ["g"]
     empty = write_json(tmp_path / "e.json", [])
     assert reader(str(empty), "sharegpt").units() == []
-    with pytest.raises(FileNotFoundError, match="gone.json"):
-        reader(str(tmp_path / "gone.json"), "sharegpt")
+    with pytest.raises(FileNotFoundError, match="gone.json"):  # files are indexed on first use
+        reader(str(tmp_path / "gone.json"), "sharegpt").units()
     with pytest.raises(ValueError, match=r"expected \.json or \.jsonl"):
         reader(str(tmp_path / "x.csv"), "sharegpt")
     with pytest.raises(ValueError, match="format 'vicuna' is not one of"):
@@ -377,11 +379,10 @@ def test_shapesworld_writer(world, tmp_path):
 
 def test_datamodule_writes_and_loads(tmp_path):
     sequencer = SequenceBuilder(shapesworld.tokenizer(), num_queries=4, max_length=256)
-    data = InstructionDataModule(
-        str(tmp_path / "llava_train.json"),
-        val_paths=str(tmp_path / "llava_val.json"),
-        shapesworld={"train": 20, "val": 8},
-        conversations_per_unit=5,
+    data = StreamingDataModule(
+        InstructionConversations(str(tmp_path / "llava_train.json"), "llava", image_size=32, conversations_per_unit=5),
+        val={"paths": str(tmp_path / "llava_val.json")},
+        writer=ShapesWorldWriter(train=20, val=8),
         batch_size=4,
         sequencer=sequencer,
     )
@@ -401,13 +402,16 @@ def test_datamodule_writes_and_loads(tmp_path):
     val = list(data.val_dataloader())
     assert [i for b in val for i in b["id"]] == [f"shapesworld_val_{i:06d}" for i in range(8)]
     assert {s for b in val for s in b["source"]} == {"llava_val"}
+    sharegpt = InstructionConversations(str(tmp_path / "sharegpt" / "x.json"), format="sharegpt", image_size=32)
     with pytest.raises(ValueError, match="ShapesWorld writes LLaVA dialogues only"):
-        InstructionDataModule("x.json", format="sharegpt", shapesworld={"train": 4})
+        StreamingDataModule(sharegpt, writer=ShapesWorldWriter(train=4)).prepare_data()
+    assert not (tmp_path / "sharegpt").exists()  # nothing written
     with pytest.raises(ValueError, match="format 'llava2'"):
-        InstructionDataModule("x.json", format="llava2")
-    doc = inspect.getdoc(InstructionDataModule)
-    for name in inspect.signature(InstructionDataModule).parameters:
-        assert re.search(rf"^\s+{name}: \S", doc, re.M), f"{name} lacks a line in Args"
+        InstructionConversations(str(tmp_path / "x.json"), format="llava2")
+    for documented in (StreamingDataModule, InstructionConversations):  # the DataModule's and the reader's arguments
+        doc = inspect.getdoc(documented)
+        for name in inspect.signature(documented).parameters:
+            assert re.search(rf"^\s+{name}: \S", doc, re.M), f"{documented.__name__}: {name} lacks a line in Args"
 
 
 def test_two_workers_read_every_conversation_once(world, tmp_path):

@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset import TarWriter
 
-from emu_lightning.data.mmc4 import MMC4DataModule, MMC4Documents
+from emu_lightning.data import StreamingDataModule
+from emu_lightning.data.mmc4 import MMC4Documents
 from emu_lightning.data.streaming import DataSourceError, add_skips, batch_skips
 from emu_lightning.sequence import to_unit_range
 from emu_lightning.shapesworld.world import ShapesWorld
@@ -248,11 +249,9 @@ def test_seeded_shuffle_and_two_workers(jsonl):
 def test_datamodule_batches_train_the_model(jsonl, wds, tiny_model):
     root, paths, _ = jsonl
     wds_root, _ = wds
-    dm = MMC4DataModule(
-        paths=paths,
-        val_paths=str(wds_root / "{00000..00002}.tar"),
-        image_dir=str(root / "images"),
-        image_size=16,
+    dm = StreamingDataModule(
+        MMC4Documents(paths, image_size=16, image_dir=str(root / "images")),
+        val={"paths": str(wds_root / "{00000..00002}.tar")},
         batch_size=3,
         sequencer=tiny_model.sequencer,
     )

@@ -1,9 +1,21 @@
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from emu_lightning.data import (
+    ImageTextShards,
+    MapStyleSource,
+    MMC4Documents,
+    StreamingDataModule,
+    WebVidVideos,
+)
+from emu_lightning.data.pairs import shard_pattern
 from emu_lightning.sequence import END_OF_CHUNK, IGNORE_INDEX, SequenceBuilder
-from emu_lightning.shapesworld import ShapesWorldDataModule, ShapesWorldPairs
+from emu_lightning.shapesworld import ShapesWorldDataModule, ShapesWorldPairs, ShapesWorldWriter
 from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.shapesworld.writers import write_shapesworld_pairs
 
 
 def test_pairs_are_deterministic_with_both_orders():
@@ -41,9 +53,9 @@ def test_questions_and_chained_examples(tokenizer):
 
 def test_bad_mixture_arguments():
     with pytest.raises(ValueError, match="vqa_prob 1.5"):
-        ShapesWorldDataModule(vqa_prob=1.5)
+        ShapesWorldDataModule(image_size=32, vqa_prob=1.5)
     with pytest.raises(ValueError, match="examples_per_sample 0"):
-        ShapesWorldDataModule(examples_per_sample=0)
+        ShapesWorldDataModule(image_size=32, examples_per_sample=0)
 
 
 def test_caption_choice():
@@ -57,6 +69,122 @@ def test_caption_choice():
     default = ShapesWorldPairs(world, "train", 60, image_first_prob=0.0)
     assert default.captions == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"captions \[5\] must be a non-empty list of indices below 5"):
-        ShapesWorldDataModule(captions=[5])
+        ShapesWorldDataModule(image_size=32, captions=[5])
     with pytest.raises(ValueError, match="non-empty"):
-        ShapesWorldDataModule(captions=[])
+        ShapesWorldDataModule(image_size=32, captions=[])
+
+
+def attached(image_size):
+    """A Trainer stand-in whose model's vision backbone takes ``image_size`` pixels."""
+    return SimpleNamespace(lightning_module=SimpleNamespace(vision=SimpleNamespace(image_size=image_size)))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two img2dataset shards of 16-pixel ShapesWorld pairs (3 + 1 samples) and their brace pattern."""
+    write_shapesworld_pairs(ShapesWorld(image_size=16), tmp_path / "pairs", num_samples=4, shard_size=3)
+    return shard_pattern(tmp_path / "pairs", 2)
+
+
+def test_the_held_out_reader_is_the_reader_with_its_val_arguments(tmp_path):
+    reader = MMC4Documents(
+        str(tmp_path / "train" / "docs.jsonl"),
+        16,
+        image_dir=str(tmp_path / "images"),
+        max_images=3,
+        seed=5,
+        name="docs",
+    )
+    dm = StreamingDataModule(reader, val={"paths": str(tmp_path / "val" / "docs.jsonl")})
+    held = dm.val_reader
+    assert type(held) is MMC4Documents and held is not reader
+    assert (held.shuffle, held.repeat, held.name) == (False, False, "docs_val")
+    assert held.init_args == {
+        **reader.init_args,  # image_size (given by position), image_dir, max_images, seed: the same
+        "paths": str(tmp_path / "val" / "docs.jsonl"),
+        "name": "docs_val",
+        "shuffle": False,
+        "repeat": False,
+    }
+    assert (held.image_size, held.image_dir, held.max_images, held.seed) == (16, str(tmp_path / "images"), 3, 5)
+    assert (held.sim_threshold, held.shuffle_buffer, held.split_by_node) == (0.32, 100, True)  # defaults kept
+    assert dm.reader is reader and dm.train_source() is reader and (reader.shuffle, reader.repeat) == (True, True)
+    assert reader.name == "docs" and reader.init_args["paths"] == str(tmp_path / "train" / "docs.jsonl")
+    # a reader with a `train` switch (random frame times) reads its held-out copy at the segment centres
+    videos = WebVidVideos(tmp_path / "results_train.csv", num_frames=4, image_size=16, seed=2)
+    held = StreamingDataModule(videos, val={"csv": tmp_path / "results_val.csv"}).val_reader
+    assert type(held) is WebVidVideos and (held.train, held.shuffle, held.repeat) == (False, False, False)
+    assert held.name == "webvid_val" and (held.num_frames, held.image_size, held.seed) == (4, 16, 2)
+    assert held.init_args == {**videos.init_args, "csv": tmp_path / "results_val.csv", "name": "webvid_val",
+                              "train": False, "shuffle": False, "repeat": False}  # fmt: skip
+    assert StreamingDataModule(videos).val_reader is None and StreamingDataModule(videos).val_dataloader() == []
+    with pytest.raises(TypeError, match=r"MMC4Documents has no argument\(s\) \['pathz'\]"):
+        StreamingDataModule(reader, val={"pathz": str(tmp_path / "val" / "docs.jsonl")})
+    with pytest.raises(TypeError, match=r"\['urls'\]"):
+        StreamingDataModule(videos, val={"urls": "elsewhere.tar"})
+
+
+def test_readers_without_an_image_size_take_the_models(shards):
+    dm = StreamingDataModule(ImageTextShards(shards), val={"urls": shards})
+    assert dm.reader.image_size is None and dm.val_reader.image_size is None
+    with pytest.raises(ValueError, match="ImageTextShards has no image_size: give it, or attach the DataModule"):
+        dm.setup("fit")  # no model attached: nothing to take it from
+    dm.trainer = attached(16)
+    dm.setup("fit")
+    assert dm.reader.image_size == 16 and dm.val_reader.image_size == 16
+    sample = next(iter(dm.reader))
+    assert [tuple(x.shape) for x in sample["items"] if isinstance(x, torch.Tensor)] == [(3, 16, 16)]
+    assert len(list(dm.val_reader)) == 4
+    given = StreamingDataModule(ImageTextShards(shards, image_size=16), val={"urls": shards})
+    given.trainer = attached(16)
+    given.setup("fit")  # the same size as the model's: fine
+    assert given.reader.image_size == given.val_reader.image_size == 16
+
+
+def test_a_reader_with_another_image_size_than_the_model_is_refused(shards):
+    dm = StreamingDataModule(ImageTextShards(shards, image_size=32))
+    dm.trainer = attached(16)
+    with pytest.raises(ValueError, match="data image_size 32 does not match the vision backbone's image_size 16"):
+        dm.setup("fit")
+    held_out = StreamingDataModule(ImageTextShards(shards, image_size=16), val={"urls": shards, "image_size": 32})
+    held_out.trainer = attached(16)
+    with pytest.raises(ValueError, match="data image_size 32 does not match"):
+        held_out.setup("fit")  # the held-out reader is checked too
+
+
+def test_reading_a_reader_without_an_image_size_is_an_error(shards):
+    with pytest.raises(ValueError, match="source 'pairs' has no image_size"):
+        next(iter(ImageTextShards(shards)))
+    with pytest.raises(ValueError, match="has no image_size"):
+        next(iter(ImageTextShards(shards).held_out()))
+
+
+def test_the_writer_writes_at_the_models_image_size(tmp_path):
+    urls = str(tmp_path / "pairs" / "{00000..00001}.tar")
+    dm = StreamingDataModule(ImageTextShards(urls), writer=ShapesWorldWriter(train=6))
+    dm.trainer = attached(16)
+    dm.prepare_data()
+    dm.setup("fit")
+    marker = json.loads((tmp_path / "pairs" / ".shapesworld-train.json").read_text())
+    assert marker["spec"]["image_size"] == 16 and sorted(marker["files"]) == ["00000.tar", "00001.tar"]
+    samples = list(ImageTextShards(urls, image_size=16, shuffle=False, repeat=False))
+    assert [s["id"] for s in samples] == [f"{i:09d}" for i in range(6)]
+    world = ShapesWorldWriter(train=6).world(16)
+    for i, sample in enumerate(samples):
+        image = next(x for x in sample["items"] if isinstance(x, torch.Tensor))
+        assert image.shape == (3, 16, 16) and torch.equal(image, world.image("train", i).mul(255).round().byte())
+
+
+def test_the_writer_refuses_a_reader_it_cannot_write_and_writes_nothing_for_zero(tmp_path):
+    unknown = MapStyleSource(ShapesWorldPairs(ShapesWorld(image_size=16), "train", 4), "shapes")
+    with pytest.raises(TypeError, match=r"ShapesWorld writes \[.*'ImageTextShards'.*\], not MapStyleSource"):
+        ShapesWorldWriter(train=4).write(unknown, "train")
+    with pytest.raises(TypeError, match="not MapStyleSource"):
+        StreamingDataModule(unknown, writer=ShapesWorldWriter(train=4)).prepare_data()
+    train, val = str(tmp_path / "train" / "00000.tar"), str(tmp_path / "val" / "00000.tar")
+    ShapesWorldWriter(train=0).write(ImageTextShards(train, image_size=16), "train")
+    dm = StreamingDataModule(ImageTextShards(train, image_size=16), val={"urls": val}, writer=ShapesWorldWriter(0, 0))
+    dm.prepare_data()
+    assert not (tmp_path / "train").exists() and not (tmp_path / "val").exists()  # nothing written, no marker
+    with pytest.raises(ValueError, match="train -1 and val 0 must be >= 0"):
+        ShapesWorldWriter(train=-1)

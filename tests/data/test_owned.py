@@ -4,9 +4,14 @@ import json
 
 import pytest
 
-from emu_lightning.data.pairs import ImageTextDataModule
-from emu_lightning.data.webvid import WebVidDataModule
+from emu_lightning.data import ImageTextShards, StreamingDataModule, WebVidVideos
+from emu_lightning.shapesworld import ShapesWorldWriter
 from emu_lightning.shapesworld.owned import ForeignFilesError, write_once
+
+
+def pairs(urls, train):
+    """The tiny config's pairs source: img2dataset shards at ``urls`` with ShapesWorld's writer on."""
+    return StreamingDataModule(ImageTextShards(urls, image_size=32), writer=ShapesWorldWriter(train=train))
 
 
 def _snapshot(folder):
@@ -14,13 +19,13 @@ def _snapshot(folder):
 
 
 def test_a_users_shards_are_never_replaced(tmp_path):
-    """The tiny config copied, `urls` pointed at the user's shards, `shapesworld: {train: 4000}` left in."""
+    """The tiny config copied, `urls` pointed at the user's shards, the writer `{train: 4000}` left in."""
     mine = tmp_path / "laion"
     mine.mkdir()
     for k in range(4):
         (mine / f"{k:05d}.tar").write_bytes(f"my shard {k}".encode())
     before = _snapshot(mine)
-    data = ImageTextDataModule(urls=str(mine / "{00000..00003}.tar"), shapesworld={"train": 4000})
+    data = pairs(str(mine / "{00000..00003}.tar"), 4000)
     with pytest.raises(ForeignFilesError, match=f"{mine} holds files that ShapesWorld did not write \\(00000.tar, "):
         data.prepare_data()
     assert _snapshot(mine) == before  # nothing replaced, no marker that would pass them off as generated
@@ -30,7 +35,8 @@ def test_a_users_webvid_folder_gets_no_videos(tmp_path):
     mine = tmp_path / "webvid"
     mine.mkdir()
     (mine / "results_2M_train.csv").write_text("videoid,contentUrl,duration,page_dir,name\n")
-    data = WebVidDataModule(csv=str(mine / "results_2M_train.csv"), shapesworld={"train": 400})
+    reader = WebVidVideos(str(mine / "results_2M_train.csv"), image_size=32)
+    data = StreamingDataModule(reader, writer=ShapesWorldWriter(train=400))
     with pytest.raises(ForeignFilesError, match="results_2M_train.csv"):
         data.prepare_data()
     assert [p.name for p in mine.rglob("*")] == ["results_2M_train.csv"]
@@ -39,22 +45,22 @@ def test_a_users_webvid_folder_gets_no_videos(tmp_path):
 def test_written_once_reused_rewritten_only_while_the_folder_is_its_own(tmp_path):
     root = tmp_path / "pairs"
     urls = str(root / "{00000..00001}.tar")
-    ImageTextDataModule(urls=urls, shapesworld={"train": 8}).prepare_data()  # an absent folder: written
+    pairs(urls, 8).prepare_data()  # an absent folder: written
     marker = json.loads((root / ".shapesworld-train.json").read_text())
     assert sorted(marker["files"]) == ["00000.tar", "00001.tar"] and marker["spec"]["train"] == 8
     written = _snapshot(root)
     mtimes = {p: p.stat().st_mtime_ns for p in root.iterdir()}
-    ImageTextDataModule(urls=urls, shapesworld={"train": 8}).prepare_data()  # the same spec: reused as it is
+    pairs(urls, 8).prepare_data()  # the same spec: reused as it is
     assert {p: p.stat().st_mtime_ns for p in root.iterdir()} == mtimes
-    ImageTextDataModule(urls=urls, shapesworld={"train": 12}).prepare_data()  # another spec: its own files, rewritten
+    pairs(urls, 12).prepare_data()  # another spec: its own files, rewritten
     assert _snapshot(root) != written
     (root / "notes.txt").write_text("mine")  # a user's file in the folder: no more rewriting there
     with pytest.raises(ForeignFilesError, match="notes.txt"):
-        ImageTextDataModule(urls=urls, shapesworld={"train": 16}).prepare_data()
+        pairs(urls, 16).prepare_data()
     (root / "notes.txt").unlink()
     (root / "00001.tar").write_bytes(b"edited by hand")  # a generated file changed since: not ours any more
     with pytest.raises(ForeignFilesError, match="00001.tar"):
-        ImageTextDataModule(urls=urls, shapesworld={"train": 16}).prepare_data()
+        pairs(urls, 16).prepare_data()
 
 
 def test_a_marker_without_a_manifest_proves_nothing(tmp_path):

@@ -11,7 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from webdataset import TarWriter
 
-from emu_lightning.data.pairs import ImageTextDataModule, ImageTextShards, decode_image, shard_pattern
+from emu_lightning.data import StreamingDataModule
+from emu_lightning.data.pairs import ImageTextShards, decode_image, shard_pattern
 from emu_lightning.data.streaming import DataSourceError, add_skips, batch_skips
 from emu_lightning.sequence import to_unit_range
 from emu_lightning.shapesworld.world import ShapesWorld
@@ -215,10 +216,9 @@ def test_two_workers_read_each_sample_once(shards):
 def test_datamodule_batches_train_the_model(shards, tiny_model):
     root, paths = shards
     missing = str(root / "missing.tar")
-    dm = ImageTextDataModule(
-        urls=shard_pattern(root, 3),
-        val_urls=[missing, *paths],
-        image_size=16,
+    dm = StreamingDataModule(
+        ImageTextShards(shard_pattern(root, 3), image_size=16),
+        val={"urls": [missing, *paths]},
         batch_size=4,
         sequencer=tiny_model.sequencer,
     )
@@ -230,8 +230,8 @@ def test_datamodule_batches_train_the_model(shards, tiny_model):
     val = list(dm.val_dataloader())  # one pass in order; the missing shard's skip rides in the first batch
     assert [b["id"][0] for b in val] == [f"{i:09d}" for i in range(0, NUM, 4)]
     assert sum(len(b["id"]) for b in val) == NUM
-    assert batch_skips(val[0]) == {"pairs": Counter(unreadable_shard=1)} and batch_skips(val[1]) == {}
-    assert ImageTextDataModule(urls=paths, sequencer=tiny_model.sequencer).val_dataloader() == []
+    assert batch_skips(val[0]) == {"pairs_val": Counter(unreadable_shard=1)} and batch_skips(val[1]) == {}
+    assert StreamingDataModule(ImageTextShards(paths), sequencer=tiny_model.sequencer).val_dataloader() == []
 
 
 def test_bad_arguments_are_named(shards):
@@ -248,15 +248,13 @@ def test_training_logs_the_skipped_samples_per_source_and_reason(tmp_path, capsy
     import lightning as L
     from conftest import make_model
 
-    from emu_lightning.data.pairs import ImageTextDataModule
-
     world16 = ShapesWorld(image_size=16)
     records = [shapesworld_pair_record(world16, "train", i, "png", None) for i in range(12)]
     records[1]["png"] = b"broken"
     records[5]["txt"] = b""
     url = write_shard(tmp_path / "00000.tar", records)
     model = make_model()
-    dm = ImageTextDataModule(url, image_size=16, batch_size=10, shuffle_buffer=1)
+    dm = StreamingDataModule(ImageTextShards(url, image_size=16, shuffle_buffer=1), batch_size=10)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0)  # fmt: skip
     trainer.fit(model, dm)

@@ -6,9 +6,8 @@ import pytest
 import torch
 from conftest import make_model
 
-from emu_lightning.data.mixture import MixtureDataModule
-from emu_lightning.data.pairs import ImageTextDataModule
-from emu_lightning.shapesworld import ShapesWorldDataModule
+from emu_lightning.data import ImageTextShards, MixtureDataModule, StreamingDataModule
+from emu_lightning.shapesworld import ShapesWorldDataModule, ShapesWorldWriter
 
 
 class Record(L.Callback):
@@ -27,7 +26,9 @@ def _data(root, num_workers):
     shards = str(root / "pairs" / "{00000..00001}.tar")  # 2 shards of 7: a resume lands inside a shard
     sources = {
         "shapes": ShapesWorldDataModule(image_size=16, batch_size=2, train_size=40),
-        "pairs": ImageTextDataModule(urls=shards, image_size=16, shuffle_buffer=4, shapesworld={"train": 14}),
+        "pairs": StreamingDataModule(
+            ImageTextShards(shards, image_size=16, shuffle_buffer=4), writer=ShapesWorldWriter(train=14)
+        ),
     }
     return MixtureDataModule(
         sources, batch_sizes={"shapes": 2, "pairs": 3}, num_workers=num_workers, val_source="shapes"

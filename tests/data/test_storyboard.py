@@ -12,7 +12,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from emu_lightning import shapesworld
-from emu_lightning.data.storyboard import Cue, StoryboardDataModule, StoryboardVideos, interleave, parse_vtt
+from emu_lightning.data import StreamingDataModule
+from emu_lightning.data.storyboard import Cue, StoryboardVideos, interleave, parse_vtt
 from emu_lightning.data.streaming import DataSourceError
 from emu_lightning.sequence import SequenceBuilder, to_unit_range
 from emu_lightning.shapesworld.world import ShapesWorld
@@ -203,8 +204,9 @@ def test_a_source_with_no_usable_document_raises_with_its_reasons(tmp_path, worl
 
 def test_an_empty_index_is_an_error_for_training(tmp_path):
     (tmp_path / "index.jsonl").write_text("\n")
+    reader = StoryboardVideos(tmp_path / "index.jsonl", image_size=32)  # the index is read on first use
     with pytest.raises(DataSourceError, match=r"storyboard index \[.*index.jsonl'\] lists no videos"):
-        StoryboardVideos(tmp_path / "index.jsonl", image_size=32)
+        reader.units()
 
 
 def test_two_workers_read_the_same_documents_as_one_process(tmp_path, world):
@@ -221,11 +223,13 @@ def test_datamodule(tmp_path, world):
     train = write_shapesworld_storyboard(world, tmp_path, "train", num_videos=3, frames_per_video=3)
     val = write_shapesworld_storyboard(world, tmp_path, "val", num_videos=2, frames_per_video=3)
     sequencer = SequenceBuilder(shapesworld.tokenizer(), num_queries=2, max_length=256)
-    data = StoryboardDataModule(str(train), val_paths=str(val), batch_size=2, sequencer=sequencer)
+    reader = StoryboardVideos(str(train), image_size=32)
+    data = StreamingDataModule(reader, val={"paths": str(val)}, batch_size=2, sequencer=sequencer)
     batches = iter(data.train_dataloader())
     for _ in range(3):  # 6 documents from 3: the training reader repeats
         assert next(batches)["image_counts"].tolist() == [3, 3]
     assert [i for b in data.val_dataloader() for i in b["id"]] == ["val_000000", "val_000001"]
-    doc = inspect.getdoc(StoryboardDataModule)
-    for name in inspect.signature(StoryboardDataModule).parameters:
-        assert re.search(rf"^\s+{name}: \S", doc, re.M), f"{name} lacks a line in Args"
+    for documented in (StreamingDataModule, StoryboardVideos):  # the DataModule's and the reader's arguments
+        doc = inspect.getdoc(documented)
+        for name in inspect.signature(documented).parameters:
+            assert re.search(rf"^\s+{name}: \S", doc, re.M), f"{documented.__name__}: {name} lacks a line in Args"

@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from emu_lightning import shapesworld
+from emu_lightning.data import StreamingDataModule
 from emu_lightning.data.streaming import DataSourceError
-from emu_lightning.data.webvid import WebVidDataModule, WebVidVideos, parse_duration, read_clip, sample_times, write_mp4
+from emu_lightning.data.webvid import WebVidVideos, parse_duration, read_clip, sample_times, write_mp4
 from emu_lightning.sequence import SequenceBuilder, to_unit_range
 from emu_lightning.shapesworld.world import ShapesWorld
 from emu_lightning.shapesworld.writers import shapesworld_clip, write_shapesworld_webvid
@@ -187,11 +188,12 @@ def test_a_source_with_no_usable_row_raises_with_its_reasons(tmp_path, webvid):
 
 
 def test_csv_errors_are_clear(tmp_path):
+    # the csv is indexed on first use (a writer may create it after the reader is built)
     with pytest.raises(FileNotFoundError, match="nowhere.csv"):
-        WebVidVideos(tmp_path / "nowhere.csv")
+        WebVidVideos(tmp_path / "nowhere.csv").units()
     (tmp_path / "other.csv").write_text("id,caption\n1,a cat\n")
     with pytest.raises(ValueError, match=r"missing \['videoid', 'page_dir', 'name'\]"):
-        WebVidVideos(tmp_path / "other.csv")
+        WebVidVideos(tmp_path / "other.csv").units()
 
 
 def test_a_header_only_csv_is_an_error_for_training_and_a_warning_held_out(tmp_path):
@@ -199,9 +201,9 @@ def test_a_header_only_csv_is_an_error_for_training_and_a_warning_held_out(tmp_p
     path = tmp_path / "results_train.csv"
     path.write_text("videoid,contentUrl,duration,page_dir,name\n")
     with pytest.raises(DataSourceError, match=f"WebVid csv \\['{path}'\\] holds a header but no rows"):
-        WebVidVideos(path, repeat=True)
+        WebVidVideos(path, image_size=32, repeat=True).units()
     with pytest.warns(UserWarning, match="holds a header but no rows; its held-out pass reads nothing"):
-        assert list(WebVidVideos(path, repeat=False)) == []
+        assert list(WebVidVideos(path, image_size=32, repeat=False)) == []
 
 
 def test_units_are_row_chunks_and_workers_split_them(webvid):
@@ -220,7 +222,8 @@ def test_units_are_row_chunks_and_workers_split_them(webvid):
 
 def test_datamodule(webvid):
     sequencer = SequenceBuilder(shapesworld.tokenizer(), num_queries=2, max_length=256)
-    data = WebVidDataModule(webvid, val_csv=str(webvid), num_frames=4, batch_size=4, sequencer=sequencer)
+    reader = WebVidVideos(webvid, num_frames=4, image_size=32)
+    data = StreamingDataModule(reader, val={"csv": str(webvid)}, batch_size=4, sequencer=sequencer)
     batches = iter(data.train_dataloader())
     for _ in range(3):  # 12 samples from 6 rows: the training reader repeats
         batch = next(batches)
@@ -228,9 +231,10 @@ def test_datamodule(webvid):
     val = list(data.val_dataloader())
     assert [i for b in val for i in b["id"]] == [str(i) for i in range(6)]
     assert all(t == [0.25, 0.75, 1.25, 1.75] for b in val for t in b["times"])
-    doc = inspect.getdoc(WebVidDataModule)
-    for name in inspect.signature(WebVidDataModule).parameters:
-        assert re.search(rf"^\s+{name}: \S", doc, re.M), f"{name} lacks a line in Args"
+    for documented in (StreamingDataModule, WebVidVideos):  # the DataModule's and the reader's arguments
+        doc = inspect.getdoc(documented)
+        for name in inspect.signature(documented).parameters:
+            assert re.search(rf"^\s+{name}: \S", doc, re.M), f"{documented.__name__}: {name} lacks a line in Args"
 
 
 def test_a_stream_without_timing_uses_the_csv_duration(tmp_path):

@@ -66,11 +66,12 @@ def test_bad_world_arguments():
         ShapesWorld().scene("tset", 0)
 
 
-def test_default_tokenizer_has_emu_tokens_and_round_trips():
+def test_default_tokenizer_has_emu_tokens_and_round_trips(tmp_path):
     tok = shapesworld.tokenizer()
     vocab = tok.get_vocab()
     assert all(t in vocab for t in PRETRAIN_TOKENS) and tok.pad_token_id is not None
-    assert "[USER]" not in vocab and all(t in load_tokenizer(instruct=True).get_vocab() for t in EMU_TOKENS)
+    tok.save_pretrained(tmp_path)  # the same tokenizer from a folder, with the instruction-tuning tokens
+    assert "[USER]" not in vocab and all(t in load_tokenizer(tmp_path, instruct=True).get_vocab() for t in EMU_TOKENS)
     caption = "a small red circle in the top left."
     ids = tok(caption, add_special_tokens=False)["input_ids"]
     assert len(ids) <= 10  # words are whole tokens

@@ -141,8 +141,8 @@ class ShapesWorldDataModule(EmuDataModule):
             captions=captions,
         )
         self._world: ShapesWorld | None = None
-        if image_size is not None:
-            self.world  # noqa: B018 - bad world or mix arguments fail here, not at the first batch
+        # bad world or mix arguments fail here, not at the first batch (captions and checks need no image size)
+        ShapesWorldPairs(ShapesWorld(image_size=image_size or 8 * grid, **self.world_args), "train", 1, **self.mix)
 
     @property
     def world(self) -> ShapesWorld:

@@ -404,7 +404,9 @@ def _pairs(world: ShapesWorld, reader: ImageTextShards, root: Path, split: str, 
 
 
 def _mmc4(world: ShapesWorld, reader: MMC4Documents, root: Path, split: str, n: int, files: int) -> list[str]:
-    layout = "wds" if expand_urls(reader.init_args["paths"])[0].endswith(".tar") else "jsonl"
+    paths = reader.init_args["paths"]
+    first = expand_urls([str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)])[0]
+    layout = "wds" if first.endswith(".tar") else "jsonl"
     if layout == "jsonl" and (reader.image_dir is None or Path(reader.image_dir) != root / "images"):
         raise ValueError(f"ShapesWorld's jsonl layout puts the images in {root / 'images'}: set image_dir to it")
     return write_shapesworld_mmc4(world, root, split, n, layout=layout, docs_per_file=math.ceil(n / files))
@@ -481,10 +483,12 @@ class ShapesWorldWriter(DataWriter):
                 "your own files and no writer"
             )
         argument, write_format = FORMATS[kind]
-        expected = [str(Path(p)) for p in expand_urls(reader.init_args[argument])]
+        configured = reader.init_args[argument]
+        configured = [configured] if isinstance(configured, (str, Path)) else configured
+        expected = [str(Path(p)) for p in expand_urls([str(p) for p in configured])]
         root = Path(expected[0]).parent
         world = self.world(reader.image_size)
-        spec = {**vars(world), "format": kind.__name__, "files": len(expected)}
+        spec = {**vars(world), "format": kind.__name__, "files": len(expected), split: num}
         write = functools.partial(write_format, world, reader, root, split, num, len(expected))
         written = {str(Path(p)) for p in write_once(root, split, spec, write)}
         if set(expected) != written or any(Path(p).parent != root for p in expected):
