@@ -6,6 +6,7 @@ import torch
 
 from emu_lightning.data import (
     ImageTextShards,
+    InstructionConversations,
     MapStyleSource,
     MMC4Documents,
     StreamingDataModule,
@@ -188,3 +189,23 @@ def test_the_writer_refuses_a_reader_it_cannot_write_and_writes_nothing_for_zero
     assert not (tmp_path / "train").exists() and not (tmp_path / "val").exists()  # nothing written, no marker
     with pytest.raises(ValueError, match="train -1 and val 0 must be >= 0"):
         ShapesWorldWriter(train=-1)
+
+
+def test_held_out_shards_in_the_training_folder_are_refused_not_overwritten(tmp_path):
+    train = str(tmp_path / "sw" / "{00000..00001}.tar")
+    dm = StreamingDataModule(
+        ImageTextShards(train, image_size=16), val={"urls": str(tmp_path / "sw" / "00000.tar")},
+        writer=ShapesWorldWriter(train=8, val=4),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="the val files would overwrite the train files"):
+        dm.prepare_data()
+    first = [s["id"] for s in ImageTextShards(train, image_size=16, shuffle=False, repeat=False)]
+    assert first == [f"{i:09d}" for i in range(8)]  # the training shards are intact
+    # files named by their split (LLaVA json, WebVid csv, storyboard index) may share a folder
+    llava = tmp_path / "llava"
+    dm = StreamingDataModule(
+        InstructionConversations(str(llava / "llava_train.json"), "llava", image_size=16),
+        val={"paths": str(llava / "llava_val.json")}, writer=ShapesWorldWriter(train=3, val=2),
+    )  # fmt: skip
+    dm.prepare_data()
+    assert sorted(p.name for p in llava.glob("llava_*.json")) == ["llava_train.json", "llava_val.json"]

@@ -42,6 +42,14 @@ def find_world(datamodule: Any, image_size: int | None = None) -> ShapesWorld | 
     return None
 
 
+def _no_files(callback: Any, kwargs: dict[str, Any], names: tuple[str, ...]) -> None:
+    """A ShapesWorld evaluation writes its own set: data files given to it would be silently ignored."""
+    given = [n for n in names if kwargs.get(n) is not None]
+    if given:
+        base = type(callback).__mro__[1].__name__
+        raise ValueError(f"{type(callback).__name__} writes its own ShapesWorld set; for your files {given} use {base}")
+
+
 def _world(trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
     size = pl_module.vision.image_size
     world = find_world(trainer.datamodule, size)
@@ -59,6 +67,7 @@ class ShapesWorldCaptioningEval(CaptioningEval):
     writes_own_data = True
 
     def __init__(self, support: int = 200, **kwargs: Any) -> None:
+        _no_files(self, kwargs, ("karpathy_json", "image_root", "annotations_json"))
         super().__init__(**kwargs)
         self.support = support
 
@@ -80,6 +89,8 @@ class ShapesWorldVQAEval(VQAEval):
     writes_own_data = True
 
     def __init__(self, support: int = 50, **kwargs: Any) -> None:
+        _no_files(self, kwargs, ("questions_json", "annotations_json", "image_root", "support_questions_json",
+                                 "support_annotations_json", "support_image_root"))  # fmt: skip
         super().__init__(**kwargs)
         self.support = support
 
@@ -100,6 +111,10 @@ class ShapesWorldTextToImageEval(TextToImageEval):
     in the cell the caption names: :func:`~emu_lightning.shapesworld.metrics.shapes_attribute_accuracy_batch`)."""
 
     writes_own_data = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        _no_files(self, kwargs, ("captions_json", "image_root"))
+        super().__init__(**kwargs)
 
     def prompts(self, trainer: L.Trainer, pl_module: Any) -> tuple[list[tuple[Any, str]], Any, str]:
         world = _world(trainer, pl_module)

@@ -40,7 +40,7 @@ from emu_lightning.shapesworld.world import BACKGROUND, COLOURS, ShapesWorld
 
 # ---------------------------------------------------------------------------------------------- img2dataset pairs
 def shapesworld_caption(world: ShapesWorld, split: str, index: int, caption_ids: Sequence[int] | None) -> str:
-    """The caption of item ``index`` that :class:`~emu_lightning.data.modules.ShapesWorldPairs` pairs with
+    """The caption of item ``index`` that :class:`~emu_lightning.shapesworld.datamodule.ShapesWorldPairs` pairs with
     its image: one of ``caption_ids`` (all by default), drawn from the item's caption stream."""
     references = world.captions(world.scene(split, index))
     ids = list(caption_ids) if caption_ids is not None else list(range(len(references)))
@@ -53,7 +53,7 @@ def shapesworld_pair_record(
     world: ShapesWorld, split: str, index: int, image_format: str, caption_ids: Sequence[int] | None
 ) -> dict[str, Any]:
     """Item ``index`` of ``split`` as the tar sample img2dataset would write: key ``f"{index:09d}"``, the
-    image (rendered as :class:`~emu_lightning.data.modules.ShapesWorldPairs` renders it), ``txt`` (the caption
+    image (rendered as :class:`~emu_lightning.shapesworld.datamodule.ShapesWorldPairs` renders it), ``txt`` (the caption
     :func:`shapesworld_caption` picks) and ``json`` (img2dataset's ``key``, ``caption``, ``url``, ``status``,
     ``error_message``, ``width``, ``height``)."""
     key = f"{index:09d}"
@@ -442,14 +442,17 @@ FORMATS: dict[type, tuple[str, Callable[..., list[str]]]] = {
     InstructionConversations: ("paths", _llava),
 }
 """Each reader the writer serves: the argument naming its files, and the function writing ShapesWorld there."""
+UNSPLIT_NAMES = (ImageTextShards, MMC4Documents)
+"""Formats whose files are named without their split (``00000.tar``): each split needs a folder of its own."""
 
 
 class ShapesWorldWriter(DataWriter):
     """Writes ShapesWorld in a reader's format to the reader's configured paths, before training reads them.
 
     It writes only into an absent or empty folder, or one it wrote itself with the same settings (a marker file
-    records them, :func:`~emu_lightning.data.owned.write_once`): a folder holding anything else (a user's data) is an
-    error, and a second run reads what the first wrote. The world's images have the reader's ``image_size``.
+    records them, :func:`~emu_lightning.shapesworld.owned.write_once`): a folder holding anything else (a user's
+    data) is an error, and a second run reads what the first wrote. The world's images have the reader's
+    ``image_size``. Pairs and MMC4 files are named without their split, so their held-out files need another folder.
 
     Args:
         train: samples (pairs, documents, videos or dialogues) written for the training reader.
@@ -467,6 +470,7 @@ class ShapesWorldWriter(DataWriter):
             raise ValueError(f"train {train} and val {val} must be >= 0")
         self.sizes = {"train": train, "val": val}
         self.world_args = dict(min_shapes=min_shapes, max_shapes=max_shapes, grid=grid, seed=seed)
+        self._roots: dict[str, Path] = {}  # the folder each split was written to
 
     def world(self, image_size: int) -> ShapesWorld:
         """The world written, at ``image_size`` pixels."""
@@ -487,6 +491,13 @@ class ShapesWorldWriter(DataWriter):
         configured = [configured] if isinstance(configured, (str, Path)) else configured
         expected = [str(Path(p)) for p in expand_urls([str(p) for p in configured])]
         root = Path(expected[0]).parent
+        shared = [s for s, r in self._roots.items() if s != split and r == root]
+        if shared and isinstance(reader, UNSPLIT_NAMES):
+            raise ValueError(
+                f"{kind.__name__} files are named without their split: the {split} files would overwrite the "
+                f"{shared[0]} files in {root}; give the {split} reader a folder of its own"
+            )
+        self._roots[split] = root
         world = self.world(reader.image_size)
         spec = {**vars(world), "format": kind.__name__, "files": len(expected), split: num}
         write = functools.partial(write_format, world, reader, root, split, num, len(expected))
