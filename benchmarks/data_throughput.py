@@ -10,14 +10,15 @@ loop over the same files, and their ratio.
 Data: ShapesWorld writes each format into a temporary folder with the project's writers, images and video
 frames ``--stored-size`` px square (256), read at ``--image-size`` (224), so every image is really resized:
 
-- ``webdataset``: :func:`~emu_lightning.data.pairs.write_shapesworld_pairs`, 8 tar shards, JPEG by default
-  (``--image-format``; LAION's shards are JPEG), read by :class:`~emu_lightning.data.pairs.ImageTextShards`.
-- ``mmc4`` / ``mmc4_tar``: :func:`~emu_lightning.data.mmc4.write_shapesworld_mmc4` in its jsonl layout (PNG
-  files beside 8 jsonl files) and its tar layout (8 shards of json with base64 PNGs), 2-4 images a document,
+- ``webdataset``: :func:`~emu_lightning.shapesworld.writers.write_shapesworld_pairs`, 8 tar shards, JPEG by
+  default (``--image-format``; LAION's shards are JPEG), read by :class:`~emu_lightning.data.pairs.ImageTextShards`.
+- ``mmc4`` / ``mmc4_tar``: :func:`~emu_lightning.shapesworld.writers.write_shapesworld_mmc4` in its jsonl layout
+  (PNG files beside 8 jsonl files) and its tar layout (8 shards of json with base64 PNGs), 2-4 images a document,
   read by :class:`~emu_lightning.data.mmc4.MMC4Documents` (default threshold 0.32, at most 5 images).
-- ``webvid``: :func:`~emu_lightning.data.webvid.write_shapesworld_webvid`, 16-frame mp4 clips (8 fps), 8 frames
-  sampled per clip at the segment centres (``train=False``), read by :class:`~emu_lightning.data.webvid.WebVidVideos`.
-- ``storyboard``: :func:`~emu_lightning.data.storyboard.write_shapesworld_storyboard`, 8 PNG frames and a .vtt
+- ``webvid``: :func:`~emu_lightning.shapesworld.writers.write_shapesworld_webvid`, 16-frame mp4 clips (8 fps),
+  8 frames sampled per clip at the segment centres (``train=False``), read by
+  :class:`~emu_lightning.data.webvid.WebVidVideos`.
+- ``storyboard``: :func:`~emu_lightning.shapesworld.writers.write_shapesworld_storyboard`, 8 PNG frames and a .vtt
   file a video, read by :class:`~emu_lightning.data.storyboard.StoryboardVideos`.
 
 ShapesWorld images are flat shapes on a plain background: they decode faster than photographs, so the readers'
@@ -85,7 +86,7 @@ storyboard      0.95 / 0.95 (0.95)     0.86 / 0.95 (0.88)
   time at batch 8 (``ratio_vs_limit`` 0.72-0.90 over several runs), about 5% at 32. The readers yield uint8
   images (a quarter of float32's bytes; the model scales them on its device), which halved the per-image part.
 - Video decoding is the noisiest on a loaded machine (probably FFmpeg's own threads waiting on each other).
-- At 32 px (the DataModules' default size: ``--image-size 32 --stored-size 40``), a decode is about ten times
+- At 32 px (the tiny model's size: ``--image-size 32 --stored-size 40``), a decode is about ten times
   cheaper and the readers' fixed Python work per sample weighs more: about 0.08 ms a pair (webdataset's
   pure-Python tar streaming), 0.15 ms a document (mmc4: json, per-image path and file calls) and 0.45 ms a
   storyboard (json, WebVTT parsing, a read per frame).

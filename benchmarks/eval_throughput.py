@@ -11,12 +11,13 @@ Method (one process, fp32, ``torch.set_num_threads`` = the usable cores):
 - Model: ``--ckpt``, else the newest ``runs/tiny/**/final.ckpt`` that ``make demo`` writes, else an untrained
   tiny model from ``configs/tiny.yaml`` (``"weights": "untrained"``: it rarely stops before
   ``max_new_tokens``, so its times are an upper bound).
-- Each measurement runs the real callback path, :class:`~emu_lightning.eval.callbacks.CaptioningEval` or
-  :class:`~emu_lightning.eval.callbacks.VQAEval` on held-out ShapesWorld written in the COCO Karpathy / VQAv2
-  formats, with ``--queries`` queries, one seed and one number of shots. ``setup_s`` is the first call (writing
-  and reading the files, decoding the images); ``eval_s`` is the median of ``--repeats`` further calls (prompt
-  building, generation, post-processing, scoring with CIDEr's Java tokenizer or the VQA accuracy), and
-  ``s_per_1000 = eval_s / queries * 1000``. ``score_s`` times the scoring step alone on the same predictions.
+- Each measurement runs the real callback path, :class:`~emu_lightning.shapesworld.ShapesWorldCaptioningEval` or
+  :class:`~emu_lightning.shapesworld.ShapesWorldVQAEval` (the core callbacks on held-out ShapesWorld written in the
+  COCO Karpathy / VQAv2 formats), with ``--queries`` queries, one seed and one number of shots. ``setup_s`` is the
+  first call (writing and reading the files, decoding the images); ``eval_s`` is the median of ``--repeats``
+  further calls (prompt building, generation, post-processing, scoring with CIDEr's Java tokenizer or the VQA
+  accuracy), and ``s_per_1000 = eval_s / queries * 1000``. ``score_s`` times the scoring step alone on the same
+  predictions.
 - Decoding: ``greedy`` (the tiny config's: captions up to 40 new tokens, answers up to 5) and ``beam5``
   (the paper's beam 5; captions 20 new tokens with at least 8 and length penalty -1, answers 10).
 """
@@ -42,8 +43,9 @@ import lightning as L
 import torch
 
 from emu_lightning.cli import cli
-from emu_lightning.eval.callbacks import CaptioningEval, FewShotEval, VQAEval
+from emu_lightning.eval.callbacks import FewShotEval
 from emu_lightning.model import EmuModel
+from emu_lightning.shapesworld import ShapesWorldCaptioningEval, ShapesWorldVQAEval
 
 DECODING = {
     "captioning": {"greedy": {"num_beams": 1, "max_new_tokens": 40}, "beam5": None},
@@ -102,11 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     common = {"weights": weights, "threads": threads, "torch": torch.__version__, "cpu": platform.processor()}
     with tempfile.TemporaryDirectory() as tmp:
-        for task, make in (("captioning", CaptioningEval), ("vqa", VQAEval)):
+        for task, make in (("captioning", ShapesWorldCaptioningEval), ("vqa", ShapesWorldVQAEval)):
             for decoding in args.decoding:
                 for shots in args.shots:
                     callback = make(shots=[shots], seeds=[0], num_queries=args.queries, batch_size=16,
-                                    generation=DECODING[task][decoding], strict=True, shapesworld=True)  # fmt: skip
+                                    generation=DECODING[task][decoding], strict=True)  # fmt: skip
                     root = Path(tmp) / f"{task}-{decoding}-{shots}"
                     record = measure(model, callback, root, args.repeats)
                     generation = callback.task.generation

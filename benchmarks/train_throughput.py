@@ -72,12 +72,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from emu_lightning import shapesworld
 from emu_lightning.components.llm import HFCausalLM
 from emu_lightning.components.resampler import PreNormCausalTransformer
 from emu_lightning.components.vision import TimmVisionBackbone
 from emu_lightning.model import EmuModel
 from emu_lightning.shapesworld import ShapesWorldPairs
 from emu_lightning.shapesworld.world import ShapesWorld
+from emu_lightning.tokenizer import TrainedBPE
 
 aten = torch.ops.aten
 
@@ -186,7 +188,10 @@ def build_model(cfg: Config, optimizer: str, lr: float = 1e-4, lora: Any = None,
     kwargs: dict[str, Any] = {"foreach": {"foreach": True}, "fused": {"fused": True}, "default": {}}[optimizer]
     factory = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.01, **kwargs)
     # No scheduler: configure_optimizers() then returns the bare optimizer, which both loops step alike.
-    return EmuModel(vision, resampler, llm, tokenizer=None, max_length=cfg.seq_len, optimizer=factory, **model_kwargs)
+    tokenizer = TrainedBPE(shapesworld.corpus)  # the tiny config's: a byte-level BPE on ShapesWorld's text
+    return EmuModel(
+        vision, resampler, llm, tokenizer=tokenizer, max_length=cfg.seq_len, optimizer=factory, **model_kwargs
+    )
 
 
 def make_batches(model: EmuModel, cfg: Config, batch_size: int, num_batches: int) -> list[dict[str, Any]]:

@@ -108,7 +108,9 @@ def test_malformed_and_missing_config_files_are_errors_that_name_them(tmp_path):
 
 def _checkpoint_of(tmp_path: Path, *configs: str, **changes) -> Path:
     """A Lightning checkpoint whose hyperparameters are those `fit` saves for ``configs`` (weights are not needed)."""
-    model = cli([a for c in configs for a in ("--config", c)], run=False, cli_class=ParseOnly).config.model.as_dict()
+    run = cli([a for c in configs for a in ("--config", c)], run=False, cli_class=ParseOnly)
+    # as Lightning's CLI saves them: the config dumped to plain data (an import path stays a string)
+    model = yaml.safe_load(run.parser.dump(run.config, skip_link_targets=False, skip_none=False))["model"]
     model.update(changes)
     path = tmp_path / "run.ckpt"
     torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6", "hyper_parameters": model}, path)

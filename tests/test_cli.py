@@ -12,6 +12,7 @@ import yaml
 from emu_lightning.cli import EmuCLI, cli
 from emu_lightning.components.llm import LoRA
 from emu_lightning.model import EmuModel
+from emu_lightning.shapesworld import find_world
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.relative_to(ROOT) for p in (ROOT / "configs").rglob("*.yaml"))
@@ -104,7 +105,8 @@ def test_ablations_hold_only_differences_and_swap_a_component(ablation):
         run=False,
     )
     assert type(run.model.resampler).__name__ == text["model"]["resampler"]["class_path"].rsplit(".", 1)[1]
-    batch = run.model.sequencer([[run.datamodule.world.image("val", 0), "a red circle."]])
+    world = find_world(run.datamodule, run.model.vision.image_size)
+    batch = run.model.sequencer([[world.image("val", 0), "a red circle."]])
     assert run.model.losses(batch)["loss"].isfinite()
 
 
@@ -128,10 +130,10 @@ def test_tiny_fit_then_validate_from_the_command_line(tmp_path):
         "--data.init_args.sources.shapes.init_args.val_size=32",
         "--data.init_args.sources.shapes.init_args.batch_size=8",
         # little ShapesWorld data on disk: this test writes it into its own folder
-        "--data.init_args.sources.pairs.init_args.shapesworld={train: 40}",
-        "--data.init_args.sources.mmc4.init_args.shapesworld={train: 8}",
-        "--data.init_args.sources.webvid.init_args.shapesworld={train: 8}",
-        "--data.init_args.sources.storyboard.init_args.shapesworld={train: 8}",
+        "--data.init_args.sources.pairs.init_args.writer.init_args.train=40",
+        "--data.init_args.sources.mmc4.init_args.writer.init_args.train=8",
+        "--data.init_args.sources.webvid.init_args.writer.init_args.train=8",
+        "--data.init_args.sources.storyboard.init_args.writer.init_args.train=8",
     ]
     exe = [sys.executable, "-m", "emu_lightning.cli"]
     fit = subprocess.run(
@@ -168,7 +170,7 @@ def test_tiny_fit_then_validate_from_the_command_line(tmp_path):
 
     # The checkpoint reloads on its own (tokenizer included) and generates.
     model = EmuModel.load_from_checkpoint(ckpts[-1], map_location="cpu")
-    from emu_lightning.data.world import ShapesWorld
+    from emu_lightning.shapesworld.world import ShapesWorld
 
     image = ShapesWorld(image_size=32).image("val", 0)
     assert len(model.caption(image[None], max_new_tokens=3)) == 1
@@ -187,10 +189,11 @@ def test_the_three_stages_chain_from_the_command_line_and_chat_answers(tmp_path)
     exe = [sys.executable, "-m", "emu_lightning.cli"]
     quick = ["--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"]
     small = {
-        "pretrain": [f"--data.init_args.sources.{s}.init_args.shapesworld={{train: {n}}}"
+        "pretrain": [f"--data.init_args.sources.{s}.init_args.writer.init_args.train={n}"
                      for s, n in (("pairs", 24), ("mmc4", 4), ("webvid", 4), ("storyboard", 4))],
         "decoder": ["--model.decoder_sketch_fit=2", "--data.init_args.batch_size=4"],
-        "instruct": ["--data.init_args.shapesworld={train: 16, val: 4}", "--data.init_args.batch_size=4"],
+        "instruct": ["--data.init_args.writer.init_args.train=16", "--data.init_args.writer.init_args.val=4",
+                     "--data.init_args.batch_size=4"],
     }  # fmt: skip
     for stage in ("pretrain", "decoder", "instruct"):
         configs = [a for c in stage_configs(stage) for a in ("--config", str(ROOT / c))]
@@ -219,7 +222,7 @@ def test_the_three_stages_chain_from_the_command_line_and_chat_answers(tmp_path)
 
     from torchvision.utils import save_image
 
-    from emu_lightning.data.world import ShapesWorld
+    from emu_lightning.shapesworld.world import ShapesWorld
 
     save_image(ShapesWorld(image_size=32).image("val", 0), tmp_path / "scene.png")
     for stage in ("tiny", "tiny-decoder"):  # a checkpoint loads without the earlier stages' files

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emu_lightning import shapesworld
 from emu_lightning.components.base import LanguageModel, LMOutput, Resampler, VisionBackbone, VisualDecoder
 from emu_lightning.model import EmuModel
 from emu_lightning.shapesworld import ShapesWorldDataModule
+from emu_lightning.tokenizer import TrainedBPE
 
 
 class PatchVision(VisionBackbone):
@@ -101,6 +103,7 @@ class LinearDecoder(VisualDecoder):
 def build(**kwargs) -> EmuModel:
     torch.manual_seed(0)
     vision = PatchVision()
+    kwargs.setdefault("tokenizer", TrainedBPE(shapesworld.corpus))
     return EmuModel(vision, MeanResampler(16, 16), GRULanguageModel(), LinearDecoder(16), max_length=96, **kwargs)
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from emu_lightning import shapesworld
 from emu_lightning.conversation import (
     ASSISTANT_TAG,
     SYSTEM,
@@ -13,7 +14,7 @@ from emu_lightning.conversation import (
 )
 from emu_lightning.eval.tasks import PromptTemplate, render
 from emu_lightning.sequence import END_OF_CHUNK, IGNORE_INDEX, SequenceBuilder
-from emu_lightning.tokenizer import load_tokenizer
+from emu_lightning.tokenizer import add_emu_tokens
 
 Q = 4
 
@@ -21,7 +22,9 @@ Q = 4
 @pytest.fixture(scope="module")
 def tokenizer():
     """Conversations are Emu-I's: its tokenizer holds [USER] and [ASSISTANT] as tokens."""
-    return load_tokenizer(instruct=True)
+    tokenizer = shapesworld.tokenizer()
+    add_emu_tokens(tokenizer, instruct=True)
+    return tokenizer
 
 
 def _turns(image):

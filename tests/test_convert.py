@@ -123,12 +123,11 @@ def released(tmp_path_factory):
                            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
                            "max_position_embeddings": 256}}},
             "decoder": {"class_path": "emu_lightning.components.decoder.DiffusionDecoder", "init_args": {
-                "image_size": 8, "pretrained": "not/converted/yet", "sample_scheduler": "PNDMScheduler",
-                "num_queries": Q}},
+                "image_size": 8, "pretrained": "not/converted/yet", "sample_scheduler": "PNDMScheduler"}},
             "tokenizer": str(root / "llama"),
             "max_length": 128,
         },
-        "data": {"class_path": "emu_lightning.data.ShapesWorldDataModule", "init_args": {
+        "data": {"class_path": "emu_lightning.shapesworld.ShapesWorldDataModule", "init_args": {
             "image_size": 28, "val_size": 4, "batch_size": 2, "num_workers": 0}},
         "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
                     "default_root_dir": str(root / "runs")},

@@ -59,8 +59,8 @@ def test_decoder_stage_demo_then_generate_from_the_command_line(tmp_path, capsys
     torch.save({"state_dict": stage1.state_dict(), "emu_tokenizer": tokenizer_to_state(stage1.tokenizer)}, ckpt)
     fast = tmp_path / "fast.yaml"  # a few prompts and sampling steps, so the test stays quick
     fast.write_text(
-        "trainer:\n  callbacks:\n    - class_path: emu_lightning.eval.callbacks.TextToImageEval\n"
-        "      init_args: {shapesworld: true, num_prompts: 8, steps: 2, guidance_scale: 3.0}\n"
+        "trainer:\n  callbacks:\n    - class_path: emu_lightning.shapesworld.ShapesWorldTextToImageEval\n"
+        "      init_args: {num_prompts: 8, steps: 2, guidance_scale: 3.0}\n"
     )
     results = demo.main(
         [

@@ -27,12 +27,10 @@ trainer:
   callbacks:
     - class_path: emu_lightning.callbacks.FinalCheckpoint
       init_args: {path: final.ckpt}
-    - class_path: emu_lightning.eval.callbacks.CaptioningEval
-      init_args: {shapesworld: true, shots: [0, 2], seeds: [0], num_queries: 10, shapesworld_support: 12,
-                  generation: {max_new_tokens: 6}}
-    - class_path: emu_lightning.eval.callbacks.VQAEval
-      init_args: {shapesworld: true, shots: [0, 2], seeds: [0], num_queries: 10, shapesworld_support: 4,
-                  generation: {max_new_tokens: 3}}
+    - class_path: emu_lightning.shapesworld.ShapesWorldCaptioningEval
+      init_args: {shots: [0, 2], seeds: [0], num_queries: 10, support: 12, generation: {max_new_tokens: 6}}
+    - class_path: emu_lightning.shapesworld.ShapesWorldVQAEval
+      init_args: {shots: [0, 2], seeds: [0], num_queries: 10, support: 4, generation: {max_new_tokens: 3}}
 data:
   class_path: emu_lightning.data.MixtureDataModule
   init_args:
@@ -40,11 +38,15 @@ data:
     val_source: shapes
     sources:
       shapes:
-        class_path: emu_lightning.data.ShapesWorldDataModule
+        class_path: emu_lightning.shapesworld.ShapesWorldDataModule
         init_args: {image_size: 32, batch_size: 1, val_size: 8, vqa_prob: 0.25, examples_per_sample: 2}
       pairs:
-        class_path: emu_lightning.data.ImageTextDataModule
-        init_args: {urls: "data/pairs/{00000..00001}.tar", image_size: 32, shapesworld: {train: 16}}
+        class_path: emu_lightning.data.StreamingDataModule
+        init_args:
+          reader:
+            class_path: emu_lightning.data.ImageTextShards
+            init_args: {urls: "data/pairs/{00000..00001}.tar", image_size: 32}
+          writer: {class_path: emu_lightning.shapesworld.ShapesWorldWriter, init_args: {train: 16}}
 """
 
 

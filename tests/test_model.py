@@ -1,3 +1,4 @@
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ def test_width_mismatches_are_named():
         EmuModel(vision, CausalTransformer(48, 32, 4, width=32, depth=1, num_heads=2), llm)
     with pytest.raises(ValueError, match="out_dim 64 does not match the language model's hidden size 32"):
         EmuModel(vision, CausalTransformer(32, 64, 4, width=32, depth=1, num_heads=2), llm)
-    with pytest.raises(ValueError, match="5 tokens"):
+    with pytest.raises(ValueError, match="MLPProjector was built for 17 tokens per image, not 5"):
         EmuModel(vision, MLPProjector(32, 32, num_tokens=17), llm)
     with pytest.raises(ValueError, match="smaller than the pooled grid"):
         EmuModel(vision, PooledProjector(32, 32, grid=4), llm)
@@ -176,14 +177,58 @@ def test_tokenizer_travels_with_the_checkpoint(tiny_model):
     assert other.sequencer.image_id == tiny_model.image_id
 
 
+def test_a_model_needs_a_tokenizer():
+    """No silent default: without a tokenizer folder or a TrainedBPE the model is not built."""
+    expected = r"EmuModel needs a tokenizer .*TrainedBPE\(emu_lightning.shapesworld.corpus\)"
+    with pytest.raises(ValueError, match=expected):
+        make_model(tokenizer=None)
+
+
+def test_a_trained_bpe_checkpoint_loads_with_its_tokenizer(tmp_path):
+    """A model whose tokenizer is a TrainedBPE (built from the tiny config, as `emu-lightning fit` builds it) saves a
+    checkpoint that `load_from_checkpoint` reads back (weights_only) with the same vocabulary, training nothing."""
+    from pathlib import Path
+
+    from emu_lightning import shapesworld
+    from emu_lightning.cli import cli
+    from emu_lightning.shapesworld import ShapesWorldDataModule
+    from emu_lightning.tokenizer import TrainedBPE
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    run = cli(["--config", str(tiny), f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+               "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false"], run=False)  # fmt: skip
+    model = run.model
+    assert model.tokenizer.get_vocab() == shapesworld.tokenizer().get_vocab()
+    run.trainer.fit(model, ShapesWorldDataModule(batch_size=2, train_size=4, val_size=2))
+    path = tmp_path / "final.ckpt"  # every run has it (FinalCheckpoint)
+    assert torch.load(path, map_location="cpu", weights_only=True)["emu_tokenizer"]  # plain data only
+    loaded = EmuModel.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+    # Built in Python: the TrainedBPE is not a hyper-parameter (the checkpoint holds the tokenizer itself)
+    built = make_model()
+    assert "tokenizer" not in built.hparams
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path / "python")  # fmt: skip
+    trainer.fit(built, ShapesWorldDataModule(batch_size=2, train_size=4))
+    (python,) = (tmp_path / "python").rglob("*.ckpt")
+    fresh = make_model(tokenizer=TrainedBPE(shapesworld.corpus, vocab_size=300))  # another vocabulary
+    again = EmuModel.load_from_checkpoint(python, map_location="cpu", vision=fresh.vision, resampler=fresh.resampler,
+                                          llm=fresh.llm)  # fmt: skip
+    assert again.tokenizer.get_vocab() == built.tokenizer.get_vocab() != fresh.tokenizer.get_vocab()
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in built.state_dict().items())
+
+
 def test_the_schedule_length_is_the_trainers(tmp_path):
     """`WarmupCosine` without `max_steps` decays to the trainer's max_steps: a config says the run's length once."""
     import functools
 
     import lightning as L
 
-    from emu_lightning.data.modules import ShapesWorldDataModule
     from emu_lightning.schedules import WarmupCosine
+    from emu_lightning.shapesworld import ShapesWorldDataModule
 
     model = make_model(scheduler=functools.partial(WarmupCosine, warmup_steps=2, min_ratio=0.0))
     trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,

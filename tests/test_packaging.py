@@ -5,6 +5,8 @@ configs.
   only inside a function may instead be declared in an optional extra).
 - Every dependency (and extra) declares a floor, and every floor is at most the installed version: a floor above
   what the tests run with is a claim nobody tested.
+- The core library never imports the ShapesWorld toy package: only emu_lightning/shapesworld/ itself and the demo
+  (which runs on it) do; configs and tests name it.
 - The wheel holds every module of src/emu_lightning and configs/**/*.yaml as emu_lightning/configs/**/*.yaml, so an
   installed package runs e.g. ``python -m emu_lightning.demo --config <site-packages>/emu_lightning/configs/tiny.yaml``.
 """
@@ -164,3 +166,74 @@ def test_wheel_ships_the_modules_and_configs(tmp_path):
         requires = [line for line in zf.read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")]
     assert any(line.startswith("Requires-Dist: transformers>=5") for line in requires), requires
     assert any(line.startswith("Requires-Dist: braceexpand") for line in requires), requires
+
+
+TOY = "emu_lightning.shapesworld"
+MAY_IMPORT_TOY = ("shapesworld/", "demo.py")
+"""Paths under src/emu_lightning that may import :data:`TOY`: the package itself and the demo."""
+
+
+def _package(path: Path) -> tuple[str, ...]:
+    """The package a file under src/ belongs to, e.g. ``("emu_lightning", "eval")`` for eval/callbacks.py."""
+    return path.relative_to(SRC.parent).parent.parts
+
+
+def _imported_modules(source: str, package: tuple[str, ...]) -> list[tuple[int, str]]:
+    """``(line, module)`` for every import in a module's source, anywhere in it (module level or inside a function):
+    relative imports resolved against ``package``, ``from a import b`` counted as ``a.b`` too (``b`` may be a
+    module), and ``importlib.import_module("...")`` with a literal name."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package[: len(package) - (node.level - 1)]
+                base = ".".join([*parent, *([base] if base else [])])
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names if alias.name != "*"]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def _imports_toy(module: str) -> bool:
+    return module == TOY or module.startswith(f"{TOY}.")
+
+
+def test_the_scan_sees_every_spelling_of_an_import_of_the_toy_package():
+    sample = (
+        "import emu_lightning.shapesworld\n"
+        "from emu_lightning.shapesworld.world import ShapesWorld\n"
+        "from emu_lightning import shapesworld\n"
+        "from ..shapesworld import corpus\n"
+        "def f():\n"
+        "    from emu_lightning.shapesworld import writers\n"
+        "    return importlib.import_module('emu_lightning.shapesworld.eval')\n"
+        "from emu_lightning.data import StreamingDataModule\n"
+        "from emu_lightning import shapes_world_notes\n"
+        "from . import shapesworld_like\n"
+        "text = 'from emu_lightning.shapesworld import ShapesWorld'\n"
+    )
+    hits = {line for line, module in _imported_modules(sample, ("emu_lightning", "eval")) if _imports_toy(module)}
+    assert sorted(hits) == [1, 2, 3, 4, 6, 7]
+
+
+def test_the_library_never_imports_shapesworld():
+    """ShapesWorld is a package of its own: nothing in the core library (data/, eval/, model.py, tokenizer.py, ...)
+    imports it, so that a real run cannot reach the toy world by a default; only the package itself and the demo do."""
+    files = sorted(SRC.rglob("*.py"))
+    assert any(p.relative_to(SRC).as_posix() == "shapesworld/__init__.py" for p in files), "no shapesworld package"
+    problems, allowed_hits = [], 0
+    for path in files:
+        rel = path.relative_to(SRC).as_posix()
+        imports = _imported_modules(path.read_text(encoding="utf-8"), _package(path))
+        hits = [f"{rel}:{line} imports {module}" for line, module in imports if _imports_toy(module)]
+        if rel.startswith(MAY_IMPORT_TOY):
+            allowed_hits += len(hits)
+        else:
+            problems += hits
+    assert allowed_hits, "the scan found no import of the toy package even where it is expected (demo.py)"
+    assert not problems, "\n".join(problems)

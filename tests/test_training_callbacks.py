@@ -72,7 +72,7 @@ trainer:
     - class_path: steps.StepFile
     - class_path: emu_lightning.callbacks.FinalCheckpoint
 data:
-  class_path: emu_lightning.data.ShapesWorldDataModule
+  class_path: emu_lightning.shapesworld.ShapesWorldDataModule
   init_args: {image_size: 32, batch_size: 4, val_size: 8}
 """
 

@@ -78,7 +78,9 @@ class EmuCLI(LightningCLI):
             return
         checkpoint = load_checkpoint(path, what="--ckpt_path", mmap=True)  # the metadata only
         hparams = checkpoint.get("hyper_parameters") or {}
-        model = config.model.as_dict()
+        # the config as `fit` saves it in hparams: plain YAML values (a TrainedBPE's corpus is its import path)
+        dumped = self.parser.dump(self.config, skip_link_targets=False, skip_none=False)
+        model = yaml.safe_load(dumped)[subcommand]["model"]
         saved = dict(_flatten(hparams))
         given = dict(_flatten(model))
         ignored = ("init_checkpoint", *WEIGHT_FILES)

@@ -75,12 +75,19 @@ def test_freeze_keeps_eval_mode():
 
 
 def test_a_pretrained_language_model_needs_its_own_tokenizer(tmp_path):
-    """Never the ShapesWorld tokenizer's ids on pretrained weights by default: `tokenizer` must be given."""
+    """Never the ShapesWorld tokenizer's ids on pretrained weights: `tokenizer` must be the folder it was trained
+    with, neither left out nor a BPE trained from scratch."""
     from conftest import make_model
 
+    from emu_lightning import shapesworld
     from emu_lightning.model import EmuModel
+    from emu_lightning.tokenizer import TrainedBPE
 
     saved_model(tmp_path)
     plain = make_model()
-    with pytest.raises(ValueError, match="pretrained weights from .* but `tokenizer` is not set"):
+    expected = "pretrained weights from .*: give the tokenizer folder it was trained with"
+    with pytest.raises(ValueError, match=f"{expected} \\(model.tokenizer\\), not None"):
         EmuModel(plain.vision, plain.resampler, HFCausalLM(pretrained_path=str(tmp_path)))
+    with pytest.raises(ValueError, match=f"{expected} \\(model.tokenizer\\), not TrainedBPE"):
+        EmuModel(plain.vision, plain.resampler, HFCausalLM(pretrained_path=str(tmp_path)),
+                 tokenizer=TrainedBPE(shapesworld.corpus))  # fmt: skip

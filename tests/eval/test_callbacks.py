@@ -8,7 +8,12 @@ import torch
 from conftest import make_model
 
 from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
-from emu_lightning.shapesworld import ShapesWorldDataModule
+from emu_lightning.shapesworld import (
+    ShapesWorldCaptioningEval,
+    ShapesWorldDataModule,
+    ShapesWorldTextToImageEval,
+    ShapesWorldVQAEval,
+)
 from emu_lightning.shapesworld.world import ShapesWorld
 
 
@@ -23,8 +28,8 @@ def fit_with(tmp_path, callback, steps=2):
 
 
 def test_vqa_eval_runs_in_a_tiny_fit_and_in_validate(tmp_path):
-    cb = VQAEval(every_n_steps=1, shots=[0, 2], seeds=[0, 1], num_queries=12, shapesworld=True, shapesworld_support=4,
-                 generation={"max_new_tokens": 2}, strict=True)  # fmt: skip
+    cb = ShapesWorldVQAEval(every_n_steps=1, shots=[0, 2], seeds=[0, 1], num_queries=12, support=4,
+                            generation={"max_new_tokens": 2}, strict=True)  # fmt: skip
     trainer, model, dm = fit_with(tmp_path, cb)
     # every 1 step (steps 1, 2) and at the validation run at step 2
     assert [h["step"] for h in cb.history] == [1, 2, 2]
@@ -41,8 +46,8 @@ def test_vqa_eval_runs_in_a_tiny_fit_and_in_validate(tmp_path):
 
 
 def test_captioning_eval_with_rices_and_text_only_zero_shot(tmp_path):
-    cb = CaptioningEval(shots=[0, 2], num_queries=4, shapesworld=True, shapesworld_support=10, selection="rices",
-                        zero_shot_text_demos=2, generation={"max_new_tokens": 4}, strict=True)  # fmt: skip
+    cb = ShapesWorldCaptioningEval(shots=[0, 2], num_queries=4, support=10, selection="rices",
+                                   zero_shot_text_demos=2, generation={"max_new_tokens": 4}, strict=True)  # fmt: skip
     fit_with(tmp_path, cb)
     (result,) = cb.history
     assert result["selection"] == "rices" and result["shots"][0]["num_evaluated"] == 4
@@ -91,8 +96,8 @@ def fit_generator(tmp_path, model, callback):
 
 
 def test_text_to_image_eval_scores_a_perfect_and_a_noise_generator(tmp_path):
-    good = TextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, steps=3, guidance_scale=2.0,
-                           shapesworld=True, strict=True)  # fmt: skip
+    good = ShapesWorldTextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, steps=3,
+                                      guidance_scale=2.0, strict=True)  # fmt: skip
     model = SceneRenderer()
     fit_generator(tmp_path / "good", model, good)
     (result,) = good.history
@@ -103,8 +108,8 @@ def test_text_to_image_eval_scores_a_perfect_and_a_noise_generator(tmp_path):
     assert list((tmp_path / "good").rglob("text_to_image-step0000002.png"))
     assert list((tmp_path / "good").rglob("fid_stats/*.npz"))
 
-    bad = TextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, strict=True, shapesworld=True,
-                          stats_cache_dir=str(next((tmp_path / "good").rglob("fid_stats"))))  # fmt: skip
+    bad = ShapesWorldTextToImageEval(every_n_steps=2, on_validation=False, num_prompts=32, strict=True,
+                                     stats_cache_dir=str(next((tmp_path / "good").rglob("fid_stats"))))  # fmt: skip
     fit_generator(tmp_path / "bad", SceneRenderer(noise=True), bad)
     (noisy,) = bad.history
     assert noisy["fid"]["value"] > 1.0
@@ -112,7 +117,7 @@ def test_text_to_image_eval_scores_a_perfect_and_a_noise_generator(tmp_path):
 
 
 def test_text_to_image_eval_skips_models_without_generate_image(tmp_path):
-    cb = TextToImageEval(every_n_steps=1, on_validation=False, strict=True, shapesworld=True)
+    cb = ShapesWorldTextToImageEval(every_n_steps=1, on_validation=False, strict=True)
     with pytest.warns(UserWarning, match="no generate_image or no decoder"):  # an EmuModel without a decoder
         fit_with(tmp_path, cb)
     assert cb.history == []
@@ -164,14 +169,46 @@ def test_eval_arguments_from_the_command_line(tmp_path):
         evals[0].override(shot=[1])
 
 
-def test_evaluations_need_their_data_or_an_explicit_shapesworld():
-    """A real `validate` without data paths must not quietly score the toy world."""
-    for make, what in (
-        (CaptioningEval, "karpathy_json"),
-        (VQAEval, "questions_json"),
-        (TextToImageEval, "captions_json"),
-    ):
-        with pytest.raises(ValueError, match=f"needs {what} .*or shapesworld: true"):
+def test_evaluations_need_their_data_files():
+    """A real `validate` without data paths must not quietly score the toy world: each callback names the files it
+    misses and the ShapesWorld class that writes its own set."""
+    for make, missing in (
+        (CaptioningEval, ["karpathy_json", "image_root"]),
+        (VQAEval, ["questions_json", "annotations_json", "image_root", "support_questions_json",
+                   "support_annotations_json", "support_image_root"]),
+        (TextToImageEval, ["captions_json", "image_root"]),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as error:
             make()
-        with pytest.raises(ValueError, match=f"got {what} and shapesworld: true"):
-            make(**{what: "data.json", "shapesworld": True})
+        message = str(error.value)
+        assert f"{make.__name__} needs {', '.join(missing)} (your data files)" in message
+        assert f"emu_lightning.shapesworld.ShapesWorld{make.__name__}" in message
+    # Only what is missing is named
+    with pytest.raises(ValueError, match=r"CaptioningEval needs image_root \(your data files\)"):
+        CaptioningEval(karpathy_json="data.json")
+    with pytest.raises(ValueError, match=r"VQAEval needs support_questions_json, support_annotations_json, "
+                                         r"support_image_root \(your data files\)"):  # fmt: skip
+        VQAEval(questions_json="q.json", annotations_json="a.json", image_root="images")
+    with pytest.raises(ValueError, match=r"TextToImageEval needs captions_json \(your data files\)"):
+        TextToImageEval(image_root="images")
+
+
+def test_shapesworld_evaluations_build_without_files():
+    captioning = ShapesWorldCaptioningEval(support=12, shots=[0])
+    assert isinstance(captioning, CaptioningEval) and captioning.support == 12
+    assert captioning.files == (None, None, None)
+    assert ShapesWorldCaptioningEval().support == 200
+    vqa = ShapesWorldVQAEval(support=7, shots=[0])
+    assert isinstance(vqa, VQAEval) and vqa.support == 7 and ShapesWorldVQAEval().support == 50
+    t2i = ShapesWorldTextToImageEval(num_prompts=4)
+    assert isinstance(t2i, TextToImageEval) and t2i.captions_json is None and t2i.num_prompts == 4
+    # and data files given to one are an error, not silently ignored for the toy set
+    for make, what in (
+        (ShapesWorldCaptioningEval, "karpathy_json"),
+        (ShapesWorldVQAEval, "questions_json"),
+        (ShapesWorldTextToImageEval, "captions_json"),
+    ):
+        base = make.__name__.removeprefix("ShapesWorld")
+        expected = rf"{make.__name__} writes its own ShapesWorld set; for your files \['{what}'\] use {base}"
+        with pytest.raises(ValueError, match=expected):
+            make(**{what: "data.json"})

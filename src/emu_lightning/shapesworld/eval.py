@@ -51,7 +51,8 @@ def _no_files(callback: Any, kwargs: dict[str, Any], names: tuple[str, ...]) -> 
 
 
 def _world(trainer: L.Trainer, pl_module: Any) -> ShapesWorld:
-    size = pl_module.vision.image_size
+    # a model without a vision backbone (a bare text-to-image generator) gets the default world's 32 pixels
+    size = getattr(getattr(pl_module, "vision", None), "image_size", None) or 32
     world = find_world(trainer.datamodule, size)
     return world if world is not None else ShapesWorld(image_size=size)
 
