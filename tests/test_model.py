@@ -4,11 +4,12 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_LLM, make_model
 
+from emu_lightning import shapesworld
 from emu_lightning.components.llm import HFCausalLM
 from emu_lightning.components.resampler import CausalTransformer, MLPProjector, PooledProjector
 from emu_lightning.components.vision import TimmVisionBackbone
 from emu_lightning.model import EmuModel
-from emu_lightning.tokenizer import EMU_TOKENS
+from emu_lightning.tokenizer import EMU_TOKENS, TrainedBPE
 
 
 def img(seed):
@@ -102,6 +103,27 @@ def test_width_mismatches_are_named():
         EmuModel(vision, MLPProjector(32, 32, num_tokens=17), llm)
     with pytest.raises(ValueError, match="smaller than the pooled grid"):
         EmuModel(vision, PooledProjector(32, 32, grid=4), llm)
+
+
+def test_counts_come_from_the_components_they_meet():
+    """An MLP projector's token count is the backbone's; a decoder built from a factory gets the resampler's width
+    and number of embeddings (configs say neither)."""
+    from functools import partial
+
+    from emu_lightning.components.decoder import DiffusionDecoder
+
+    vision = TimmVisionBackbone(
+        "vit_base_patch16_224", image_size=16, model_kwargs=dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    )
+    mlp = partial(MLPProjector, num_prefix_tokens=1)
+    decoder = partial(DiffusionDecoder, image_size=8, unet={"block_out_channels": (8, 16)}, condition_norm=True)
+    llm, tokenizer = HFCausalLM(config=TINY_LLM), TrainedBPE(shapesworld.corpus)
+    model = EmuModel(vision, mlp, llm, decoder=decoder, tokenizer=tokenizer)
+    assert vision.num_tokens == 5 and model.resampler.num_tokens == 5 and model.resampler.num_queries == 4
+    assert (model.decoder.cond_dim, model.decoder.num_queries) == (32, 4)
+    assert model.decoder.condition_norm.mean.shape == (32 * 4,)  # per (embedding, dimension): num_queries is known
+    with pytest.raises(ValueError, match="does not know its token count yet"):
+        _ = MLPProjector(32, 32).num_queries
 
 
 def test_unknown_component_names_are_rejected():
