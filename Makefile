@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generation.py $(call bench_size,--repeats 3 --steps 10)
 	$(BIN)/python benchmarks/data_throughput.py $(call bench_size,--rounds 3)
 	$(BIN)/python benchmarks/instruct_memory.py $(call bench_size,--steps 3 --profiled-steps 2)
+	$(BIN)/python benchmarks/busy_machine.py $(call bench_size,--quick)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

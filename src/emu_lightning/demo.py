@@ -94,6 +94,25 @@ def few_shot_scores(trainer: Any, model: EmuModel) -> dict[str, float]:
     return scores
 
 
+def training_extent(trainer: Any, train_seconds: float) -> dict[str, Any]:
+    """How far training got against its plan: steps reached and planned, and whether the time cap stopped it. A run cut
+    short by ``max_time`` (a busy machine: other processes on the same cores) says so plainly, since every figure
+    after it is that of a model trained for less than the config plans."""
+    planned, reached = trainer.max_steps, trainer.global_step
+    extent = {"steps": reached, "steps_planned": planned, "train_seconds": round(train_seconds, 1),
+              "steps_per_second": round(reached / max(train_seconds, 1e-9), 2),
+              "stopped_by_time_cap": 0 < planned and reached < planned}  # fmt: skip
+    if extent["stopped_by_time_cap"]:
+        print(
+            f"\nNOTE: the time cap stopped training after {reached} of {planned} planned steps "
+            f"({extent['steps_per_second']} steps/s, {train_seconds:.0f} s): the figures below are those of a model "
+            f"trained {reached / planned:.0%} as long as planned. Other processes on the same cores slow training "
+            "(see docs/demo.md); rerun on an idle machine, or raise --trainer.max_time.",
+            flush=True,
+        )
+    return extent
+
+
 def save_run(trainer: Any, results: dict[str, Any], details: dict[str, Any]) -> None:
     """Save the trained weights as evaluated here, whichever way training stopped (max_steps or max_time), as
     ``<run>/checkpoints/final.ckpt`` unless the config's :class:`FinalCheckpoint` already wrote them at the end of
@@ -132,6 +151,7 @@ def text_to_image_demo(trainer: Any, model: EmuModel, dm: EmuDataModule, show: i
     train_seconds = time.perf_counter() - start
     after = scores()
     metric = t2i.history[-1]["fid"]["metric"]
+    extent = training_extent(trainer, train_seconds)
 
     out_dir = run_dir(trainer)
     world, keys = find_world(dm, model.vision.image_size), t2i.last_keys[:show]
@@ -147,7 +167,7 @@ def text_to_image_demo(trainer: Any, model: EmuModel, dm: EmuDataModule, show: i
     for name in after:
         label = metric if name == "fid" else name.replace("_", " ")
         print(f"{label:<44} {before.get(name, float('nan')):>8.3f} {after[name]:>8.3f}")
-    results = {"stage": "decoder", "steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
+    results = {"stage": "decoder", **extent,
                "fid_metric": metric, "before": before, "after": after,
                "prompts": [prompts[k] for k in keys]}  # fmt: skip
     save_run(trainer, {k: v for k, v in results.items() if k != "prompts"}, {"prompts": results["prompts"]})
@@ -179,6 +199,7 @@ def instruct_demo(trainer: Any, model: EmuModel, dm: Any, show: int) -> dict[str
     turns = [["describe the image.", reply], ["how many shapes are there?", model.chat(follow, max_new_tokens=10)]]
     dialogue = {"scene": world.captions(world.scene("val", show))[1], "turns": turns}
 
+    extent = training_extent(trainer, train_seconds)
     print(f"\nheld-out questions after {trainer.global_step} instruction-tuning steps ({train_seconds:.0f} s):")
     for r in rows:
         print(f"  {r['id']:<7} [USER]: <image> {r['question']:<40} [ASSISTANT]: {r['answer']:<12} "
@@ -195,7 +216,7 @@ def instruct_demo(trainer: Any, model: EmuModel, dm: Any, show: int) -> dict[str
         model.llm.save_lora(out_dir / "lora")
         print(f"LoRA adapters alone (peft format): {out_dir / 'lora'}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    results = {"stage": "instruct", "steps": trainer.global_step, "train_seconds": round(train_seconds, 1),
+    results = {"stage": "instruct", **extent,
                "trainable_parameters": trainable, "parameters": sum(p.numel() for p in model.parameters()),
                "vqa_before": {k: round(v, 2) for k, v in before.items()},
                "vqa_after": {k: round(v, 2) for k, v in after.items()}}  # fmt: skip
@@ -254,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     after = heldout_losses(model, dm)
     scores_after = few_shot_scores(trainer, model)
     accuracy, rows = caption_accuracy(model, dm, args.num_eval)
+    extent = training_extent(trainer, train_seconds)
     print(f"\nheld-out captions after {trainer.global_step} steps ({train_seconds:.0f} s of training):")
     width = max(len(r["caption"]) for r in rows[: args.show])
     print(f"{'id':<8} {'shapes':<6} {'exact':<5} {'generated':<{width}}  reference")
@@ -261,8 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ok, exact = ("yes" if r["correct"] else "no"), ("yes" if r["exact"] else "no")
         print(f"{r['id']:<8} {ok:<6} {exact:<5} {r['caption']:<{width}}  {r['reference']}")
     results = {
-        "steps": trainer.global_step,
-        "train_seconds": round(train_seconds, 1),
+        **extent,
         "heldout_ce_before": round(before["ce"], 4),
         "heldout_ce_after": round(after["ce"], 4),
         "heldout_mse_after": round(after["mse"], 4),
