@@ -86,3 +86,14 @@ def test_decoder_stage_demo_then_generate_from_the_command_line(tmp_path, capsys
     blended = generate.main(["--ckpt", str(final), "--blend", str(grid), str(grid), "--steps", "2", "--num", "1",
                              "--out", str(tmp_path / "blend.png")])  # fmt: skip
     assert blended.shape == (1, 3, 32, 32)
+
+
+def test_a_run_cut_short_by_the_time_cap_says_so(capsys):
+    from types import SimpleNamespace
+
+    cut = demo.training_extent(SimpleNamespace(max_steps=2000, global_step=98), 300.0)
+    assert cut == {"steps": 98, "steps_planned": 2000, "train_seconds": 300.0, "steps_per_second": 0.33,
+                   "stopped_by_time_cap": True}  # fmt: skip
+    assert "the time cap stopped training after 98 of 2000 planned steps" in capsys.readouterr().out
+    done = demo.training_extent(SimpleNamespace(max_steps=2000, global_step=2000), 400.0)
+    assert done["stopped_by_time_cap"] is False and capsys.readouterr().out == ""
