@@ -138,3 +138,14 @@ def test_changed_settings_when_resuming_take_the_commands_values_and_are_logged(
     assert run.config.fit.model.regression_weight == 0.5  # Lightning's own CLI put the checkpoint's 1.0 back
     dumped = yaml.safe_load(run.parser.dump(run.config, skip_none=False))
     assert dumped["fit"]["model"]["regression_weight"] == 0.5  # what config.yaml records
+
+
+def test_a_sharded_checkpoint_folder_is_checked_through_its_metadata(tmp_path):
+    """FSDP's `state_dict_type: sharded` saves a folder; --ckpt_path reads its meta.pt for the model's arguments."""
+    folder = tmp_path / "sharded.ckpt"
+    folder.mkdir()
+    _checkpoint_of(tmp_path, TINY, PERCEIVER).rename(folder / "meta.pt")
+    with pytest.raises(ConfigError, match="holds another model than this command builds"):
+        cli(["fit", "--config", TINY, f"--ckpt_path={folder}"], cli_class=ParseOnly)
+    config = cli(["fit", "--config", TINY, "--config", PERCEIVER, f"--ckpt_path={folder}"], cli_class=ParseOnly)
+    assert config.config.fit.model.resampler.class_path.endswith("PerceiverResampler")

@@ -20,7 +20,7 @@ ABLATIONS = [p for p in CONFIGS if "ablations" in p.parts]
 OVERLAYS = [p for p in CONFIGS if "eval" in p.parts]  # stacked on a model config
 STAGES = [p for p in CONFIGS if "stages" in p.parts]  # stacked on the tiny config
 ON_14B = [Path("configs/emu-i.yaml")]  # stacked on the 14B config
-BASES = [p for p in CONFIGS if "ablations" not in p.parts and p not in OVERLAYS + STAGES + ON_14B]
+BASES = [p for p in CONFIGS if not {"ablations", "scale"} & set(p.parts) and p not in OVERLAYS + STAGES + ON_14B]
 
 
 class ParseOnly(EmuCLI):

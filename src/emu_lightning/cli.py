@@ -4,6 +4,7 @@ emu-lightning fit --config configs/tiny.yaml
 emu-lightning fit --config configs/tiny.yaml --config configs/ablations/resampler-perceiver.yaml
 emu-lightning validate --config configs/tiny.yaml --ckpt_path PATH
 emu-lightning chat --ckpt PATH            (the assistant: see emu_lightning.chat)
+emu-lightning consolidate FOLDER --out FILE   (a sharded FSDP checkpoint to one file; a file to a folder: back)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from emu_lightning.callbacks import FinalCheckpoint, PreemptionCheckpoint
 from emu_lightning.checkpoints import EMU, CheckpointError, SafeCheckpointIO, load_checkpoint
+from emu_lightning.distributed import SHARDED_METADATA, is_sharded_checkpoint
 from emu_lightning.model import COMPONENTS, TOKENIZER_FROM_CHECKPOINT, EmuModel
 
 ARCHITECTURE = (*COMPONENTS, "tokenizer")
@@ -76,7 +78,10 @@ class EmuCLI(LightningCLI):
         path = config.get("ckpt_path") if config is not None else None
         if not path or str(path) in SPECIAL_CKPT_PATHS or config.get("model") is None:
             return
-        checkpoint = load_checkpoint(path, what="--ckpt_path", mmap=True)  # the metadata only
+        if is_sharded_checkpoint(path):  # FSDP's folder: its metadata (hyper-parameters, tokenizer) is in meta.pt
+            checkpoint = load_checkpoint(Path(path) / SHARDED_METADATA, what="--ckpt_path's metadata", require=())
+        else:
+            checkpoint = load_checkpoint(path, what="--ckpt_path", mmap=True)  # the metadata only
         hparams = checkpoint.get("hyper_parameters") or {}
         # the config as `fit` saves it in hparams: plain YAML values (a TrainedBPE's corpus is its import path)
         dumped = self.parser.dump(self.config, skip_link_targets=False, skip_none=False)
@@ -257,6 +262,7 @@ def cli(args: list[str] | None = None, run: bool = True, cli_class: type[EmuCLI]
 MORE_SUBCOMMANDS = {
     "chat": "Talk to a trained EmuModel (emu-lightning chat --help).",
     "convert": "Emu's released weights to an EmuModel checkpoint, and back (emu-lightning convert --help).",
+    "consolidate": "A sharded (FSDP) checkpoint folder to one file, and back (emu-lightning consolidate --help).",
 }
 """Subcommands that are not Trainer methods: each has its own parser."""
 
@@ -271,6 +277,10 @@ def main() -> None:
         from emu_lightning.convert import main as convert_main
 
         sys.exit(convert_main(sys.argv[2:]))
+    if command == ["consolidate"]:
+        from emu_lightning.distributed import consolidate_main
+
+        sys.exit(consolidate_main(sys.argv[2:]))
     if command in (["-h"], ["--help"]):
         try:
             cli()

@@ -1,8 +1,9 @@
-"""Count an Emu model's parameters and its training memory without reading any weight.
+"""Count an Emu model's parameters and plan its training memory per device, without reading any weight.
 
     python -m emu_lightning.inspect --config configs/emu-14b.yaml --devices 8
+    python -m emu_lightning.inspect --config configs/emu-14b.yaml --devices 64 --seq-len 128 1024 --batch 1
     python -m emu_lightning.inspect --config configs/tiny.yaml --config configs/ablations/resampler-perceiver.yaml
-    python -m emu_lightning.inspect --config configs/tiny.yaml --model.frozen '[vision]'
+    python -m emu_lightning.inspect --config configs/tiny.yaml --model.frozen '[vision]' --precision bf16-true
 
 The config(s) are parsed by the very parser of the ``emu-lightning`` command (same ``class_path`` handling,
 same stacking of several ``--config`` files, same dotted overrides), but only the model is instantiated, on
@@ -13,9 +14,18 @@ Prints one JSON object on stdout:
 
 - ``components``: per component (vision, resampler, llm, decoder when present) its class and its total and
   trainable parameter counts; ``total_params`` and ``trainable_params`` for the whole model;
-- ``memory``: bytes (and GiB) per device for training, under plain DDP and under full sharding (FSDP /
-  ZeRO-3) over ``devices`` devices; ``memory.assumptions`` spells out the formula. ``devices`` comes from
-  ``--devices``, else from the config's ``trainer.devices`` when it is a number, else 8.
+- ``memory``: the training memory planned per device, under plain DDP (``ddp``) and under full sharding over
+  ``devices`` devices (``fsdp``: FSDP, ``FULL_SHARD``, one unit per transformer block), at the precision of
+  ``--precision`` or of the config's ``trainer.precision`` (Lightning's ``32-true`` when it has none):
+  weights as held, master weights, gradients, DDP's gradient buckets, AdamW's state and its step's temporaries,
+  autocast's weight copies (DDP) or the gathered units (FSDP), and the activations of each ``--seq-len`` (default:
+  the model's ``max_length``) for ``--batch`` sequences per device (default: the data module's batch, else 1)
+  and ``--images`` images (default: one per sequence), with and without activation checkpointing.
+  ``memory.assumptions`` states every formula. ``devices`` comes from ``--devices``, else from the config's
+  ``trainer.devices`` when it is a number, else 8.
+
+:func:`describe` (the shapes the plan needs, read off a built model on any device) and :func:`plan_memory` (the
+plan) are what ``benchmarks/memory_plan.py`` checks against the peak memory of a real DDP run.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +46,92 @@ import torch
 from torch import nn
 
 DEFAULT_DEVICES = 8
-WEIGHT_BYTES = 2  # bf16 weights, every parameter
-GRAD_BYTES = 2  # bf16 gradients, trainable parameters
-OPTIMIZER_BYTES = 8  # fp32 Adam m and v, trainable parameters
-ASSUMPTIONS = (
-    f"per device, no activations: DDP = {WEIGHT_BYTES} B x total_params (bf16 weights) + {GRAD_BYTES} B x "
-    f"trainable_params (bf16 grads) + {OPTIMIZER_BYTES} B x trainable_params (fp32 Adam m and v); "
-    "full sharding (FSDP / ZeRO-3) = DDP / devices, rounded up to whole bytes; GiB = bytes / 2**30"
-)
+DEFAULT_PRECISION = "32-true"  # Lightning's default when the config sets none
+GRAD_PATH = ("vision", "resampler", "llm")  # the forward order of the pretraining and instruction objectives
+LOSS_BYTES_PER_LOGIT = 12  # see ASSUMPTIONS["activations"]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How Lightning holds and computes with the weights at one ``trainer.precision``."""
+
+    name: str
+    weight_bytes: int  # parameters as held; their gradients and AdamW moments have the same dtype
+    compute_bytes: int  # matmul inputs and outputs
+    autocast: bool  # torch.autocast around the forward (the "-mixed" precisions)
+
+
+PRECISIONS = {
+    "32-true": Precision("32-true", 4, 4, False),
+    "bf16-mixed": Precision("bf16-mixed", 4, 2, True),
+    "16-mixed": Precision("16-mixed", 4, 2, True),
+    "bf16-true": Precision("bf16-true", 2, 2, False),
+}
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}  # Lightning's older names
+OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
+
+ASSUMPTIONS = {
+    "scope": "bytes per device for one training step; GiB = bytes / 2**30. P = all parameters, T = trainable ones "
+    "(requires_grad; frozen ones have no gradient and no optimizer state), w = bytes per weight as held, c = compute "
+    "bytes. Not counted: the CUDA context and the caching allocator's fragmentation, communication buffers, the "
+    "data loader, a few per-image tensors (pixels, patch embeddings) and the regression loss's (small) tensors.",
+    "precision": "32-true: fp32 weights, w = c = 4. bf16-mixed / 16-mixed: fp32 weights (w = 4; they are the "
+    "master weights themselves: Lightning keeps no second copy, so master_weights_bytes is 0) and torch.autocast to "
+    "16-bit compute (c = 2). bf16-true: the module converted to bf16 (w = c = 2), AdamW updates the bf16 weights in "
+    "place (no master copy; its moments are bf16 too).",
+    "ddp": "every device holds P x w weights, T x w gradients and T x w more in DDP's gradient buckets (Lightning's "
+    "DDPStrategy leaves gradient_as_bucket_view False, so the reducer's flat buckets are a second copy), AdamW's "
+    "moments, and under autocast the 16-bit copies of the Linear/conv weights of the components in the gradient "
+    "path (autocast caches a cast of each trainable weight until the forward ends, and every matmul saves its cast "
+    "weight for the backward): autocast_params x c.",
+    "fsdp": "full sharding over N devices, one unit per transformer block (the LLaMA decoder layers, the ViT blocks, "
+    "the Causal Transformer layers, found by class on the model) and the rest (embeddings, LM and regression heads, "
+    "the visual decoder, patch embeddings, ...) in the root unit. Sharded: weights P x w / N, gradients T x w / N "
+    "(reduce-scattered, then held in the weights' dtype), AdamW state / N. Gathered in the compute dtype "
+    "(param_dtype = c under the mixed precisions): the root unit for the whole forward and backward (FSDP does not "
+    "reshard the root after the forward) plus its unsharded gradient when it trains (2 x root x c), and the largest "
+    "block twice (the one computing and the one prefetched) plus its unsharded gradient before the reduce-scatter "
+    "(3 x block x c). Activations as under DDP, except that the residual stream is held in c under the mixed "
+    "precisions (the gathered weights are 16-bit) and there are no autocast weight copies.",
+    "optimizer": "AdamW (the config's optimizer, whatever its class, is planned as AdamW): two moments per trainable "
+    "parameter (three with amsgrad) in the parameter's dtype (torch.optim.AdamW's zeros_like), i.e. 8 B per "
+    "trainable parameter except under bf16-true (4 B). The step's temporaries: foreach (torch's default for CUDA "
+    "parameters): one more T x w (its sqrt of the second moments, a tensor list); for-loop (its default on CPU): "
+    "two copies of the largest trainable parameter; fused: none. Under FSDP the step runs on shards (/ N).",
+    "activations": "bytes autograd saves for the backward, per token and layer (tests/test_inspect.py checks the "
+    "formulas against saved_tensors_hooks on CPU). r = bytes of the residual stream (w under DDP, c under FSDP), "
+    "m = 4 under autocast (CUDA's autocast runs layer_norm in fp32) else r, s = attended length, a = heads, g = "
+    "key/value heads, d = head width, h = width, i = MLP width, V = vocabulary. LLaMA decoder layer (transformers, "
+    "SDPA): 2 x (4 (h + 1) + r h) for its two RMSNorms (input upcast to fp32, 1/rms, normalised), the projections' "
+    "inputs 2 c h (5 c h under DDP autocast: one cast per q/k/v/gate/up projection), q/k/v c (h + 2 g d), the "
+    "attention output c h and its fp32 log-sum-exp 4 a, SwiGLU 4 c i; eager attention instead of SDPA: a s (4 + c) "
+    "for the fp32 probabilities and their cast (a s 4 at fp32) in place of 4 a. Once per token for the LLM: the "
+    "rotary cos/sin 2 d r, the final norm and the LM head's input, and the loss: 12 V (the logits in c, their "
+    "shifted copy, its fp32 copy and the log-softmax output; in the backward the log-softmax's output, gradient "
+    "and input gradient). ViT block (timm, SDPA): 2 (m h + 2 m) for its LayerNorms (input, mean, rstd), c (6 h + 2 "
+    "i) for the qkv and fc1 inputs, q/k/v, the attention output and the GELU MLP, and 4 a; per image, over its "
+    "visual tokens. Resampler layer (Causal Transformer): the ViT block over the Q queries, plus a cross-attention "
+    "(norm m h + 2 m, query input, queries and output 3 c h, under DDP autocast a second cast of the "
+    "self-attention's input c h, 4 a) and the keys and values of the N visual tokens (2 N c h per image); T5's eager "
+    "attention (the released resampler) adds a (Q + N) (4 + c) per query, and its dropout and unfused projections "
+    "save about half again, not counted (the resampler's share is small). For comparison, the standard estimate "
+    "for a GPT layer in half precision without flash attention is 34 s b h + 5 a s^2 b bytes; with SDPA the s^2 "
+    "term becomes the 4 a s b bytes of the log-sum-exp.",
+    "checkpointing": "with activation checkpointing every block keeps its input (tokens x h x r) and one block's "
+    "full activations exist at a time (its recomputation in the backward); the loss's and the rotary tensors stay. "
+    "as_configured: the components whose blocks checkpoint in the built model (transformers' gradient_checkpointing, "
+    "timm's grad_checkpointing) are checkpointed, the others not.",
+    "gradient_path": "activations are counted for vision, resampler and LLM from the first of them that has a "
+    "trainable parameter on (a frozen vision tower first in line saves nothing); a LoRA-adapted LLM is counted as "
+    "a trainable one (an over-estimate: frozen projections need not save their inputs). The visual decoder's "
+    "activations (the decoder stage's UNet) are not modelled; in pretraining it is not run at all (its trainable "
+    "parameters then get no gradient and no AdamW state in practice, but are counted here as trainable).",
+    "peak": "peak = weights + master weights + AdamW state + DDP buckets + gradients + max(activations + autocast "
+    "copies or gathered units, the optimizer step's temporaries): Lightning's automatic optimization zeroes the "
+    "gradients after training_step and before the backward, so the previous step's gradients are still held when "
+    "the forward ends with every activation saved (benchmarks/memory_plan.py measures this sum within a few % on "
+    "CPU); the optimizer step comes after the backward has freed the activations.",
+}
 
 
 # ---------------------------------------------------------------------------------------------- counting
@@ -80,29 +169,460 @@ def _gib(n_bytes: float) -> float:
     return round(n_bytes / 2**30, 3)
 
 
-def training_memory(total: int, trainable: int, devices: int) -> dict[str, Any]:
-    """Per-device training memory (weights, gradients, Adam states; no activations) under DDP and full sharding.
+# ---------------------------------------------------------------------------------------------- model facts
+@dataclass(frozen=True)
+class Stack:
+    """A stack of transformer blocks (one FSDP unit each) and the shapes its activations depend on.
 
-    DDP: every device holds ``2 * total + 2 * trainable + 8 * trainable`` bytes; full sharding divides that by
-    ``devices`` (rounded up to whole bytes).
+    ``kind``: ``llama`` (RMSNorms, rotary, SwiGLU: transformers' LLaMA-like decoder layers), ``vit`` (timm blocks:
+    LayerNorms, fused qkv, GELU MLP) or ``cross`` (a resampler layer: a ViT-like block over the queries plus
+    cross-attention to the visual tokens); ``None`` when the block is not one of these (its activations are not
+    planned). ``tokens``: per image (vision: its visual tokens; resampler: its queries); 0 for the LLM, whose tokens
+    are the sequence's. ``context``: visual tokens a cross-attention reads per image.
     """
-    if devices < 1:
-        raise ValueError(f"devices must be >= 1, got {devices}")
+
+    component: str
+    block_class: str
+    count: int
+    block_params: int  # the largest block's parameters
+    block_trainable: int  # ... and its trainable ones
+    kind: str | None = None
+    hidden: int = 0
+    intermediate: int = 0
+    heads: int = 1
+    kv_heads: int = 1
+    eager: bool = False  # attention probabilities materialised (no fused SDPA kernel)
+    tokens: int = 0
+    context: int = 0
+    checkpointed: bool = False  # activation checkpointing on in the built model
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What :func:`plan_memory` needs to know about a model; :func:`describe` reads it off a built one."""
+
+    total_params: int
+    trainable_params: int
+    stacks: tuple[Stack, ...]
+    root_params: int  # parameters outside every block: FSDP's root unit under per-block wrapping
+    root_trainable: int
+    autocast_params: int  # Linear/conv parameters of the components in the gradient path
+    largest_trainable_param: int  # elements of the largest trainable parameter
+    grad_path: tuple[str, ...]  # components whose activations are saved for the backward
+    vocab_size: int = 0
+    llm_hidden: int = 0
+    llm_head_dim: int = 0  # the rotary tables' width (LLaMA-like LLMs), else 0
+    max_length: int = 0
+    optimizer: str = "foreach"  # AdamW's implementation: fused, foreach or for-loop
+    amsgrad: bool = False
+
+
+def _same_class_containers(module: nn.Module) -> list[nn.Module]:
+    """The outermost ``ModuleList``/``Sequential`` under ``module`` whose children are all of one class with
+    submodules of its own (transformer blocks: not a Sequential of a Linear and an activation)."""
+    found: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) > 0:
+                first = child[0]
+                if (
+                    len({type(c) for c in child}) == 1
+                    and next(first.children(), None) is not None
+                    and next(first.parameters(), None) is not None
+                ):
+                    found.append(child)
+                    continue
+            visit(child)
+
+    visit(module)
+    return found
+
+
+def _unique_params(modules: Iterable[nn.Module]) -> dict[int, nn.Parameter]:
+    return {id(p): p for m in modules for p in m.parameters()}
+
+
+def _checkpointed(module: nn.Module) -> bool:
+    """Activation checkpointing switched on inside ``module`` (transformers' and timm's flags)."""
+    return any(
+        getattr(m, "gradient_checkpointing", False) is True or getattr(m, "grad_checkpointing", False) is True
+        for m in module.modules()
+    )
+
+
+def _block_shape(component: str, block: nn.Module, model: nn.Module) -> dict[str, Any]:
+    """The activation-relevant shape of one block, or ``{}`` when its kind is not planned."""
+    vision_tokens = int(getattr(getattr(model, "vision", None), "num_tokens", 0) or 0)
+    attn = getattr(block, "self_attn", None)
+    config = getattr(attn, "config", None)
+    mlp = getattr(block, "mlp", None)
+    if config is not None and hasattr(config, "hidden_size"):  # a transformers decoder layer
+        h = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        gated = mlp is not None and hasattr(mlp, "gate_proj")
+        inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
+        return {
+            "kind": "llama" if gated else "vit",
+            "hidden": h,
+            "intermediate": int(inner),
+            "heads": heads,
+            "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+            "eager": getattr(config, "_attn_implementation", "sdpa") == "eager",
+        }
+    timm_attn = getattr(block, "attn", None)
+    if hasattr(timm_attn, "qkv") and hasattr(mlp, "fc1"):  # timm ViT / EVA blocks
+        return {
+            "kind": "vit",
+            "hidden": int(timm_attn.qkv.in_features),
+            "intermediate": int(mlp.fc1.out_features),
+            "heads": int(timm_attn.num_heads),
+            "kv_heads": int(timm_attn.num_heads),
+            "eager": not getattr(timm_attn, "fused_attn", True),
+            "tokens": vision_tokens,
+        }
+    queries = int(getattr(getattr(model, "resampler", None), "num_queries", 0) or 0)
+    layers = getattr(block, "layer", None)
+    if isinstance(layers, nn.ModuleList) and hasattr(layers[0], "SelfAttention"):  # T5Block (CausalTransformer)
+        t5 = layers[0].SelfAttention.config
+        return {
+            "kind": "cross",
+            "hidden": int(t5.d_model),
+            "intermediate": int(t5.d_ff),
+            "heads": int(t5.num_heads),
+            "kv_heads": int(t5.num_heads),
+            "eager": True,  # T5's own attention: unscaled scores plus the relative position bias
+            "tokens": queries,
+            "context": vision_tokens,
+        }
+    norm = next((m for m in block.modules() if isinstance(m, nn.LayerNorm)), None)
+    heads = next((int(m.num_heads) for m in block.modules() if hasattr(m, "num_heads")), None)
+    first = next((m for m in (mlp or nn.Identity()).modules() if isinstance(m, nn.Linear)), None)
+    if component == "resampler" and norm is not None and heads and first is not None:  # the pre-norm resamplers
+        return {
+            "kind": "cross",
+            "hidden": int(norm.normalized_shape[0]),
+            "intermediate": int(first.out_features),
+            "heads": heads,
+            "kv_heads": heads,
+            "tokens": queries,
+            "context": vision_tokens,
+        }
+    return {}
+
+
+def _optimizer_impl(factory: Any, default: str) -> tuple[str, bool]:
+    """``(implementation, amsgrad)`` of an optimizer factory (a ``functools.partial`` or LightningCLI's callable)."""
+    kwargs: dict[str, Any] = {}
+    for source in (getattr(factory, "keywords", None), getattr(factory, "kwargs", None)):
+        if isinstance(source, dict):
+            kwargs.update(source)
+    if kwargs.get("fused"):
+        impl = "fused"
+    elif kwargs.get("foreach") is True:
+        impl = "foreach"
+    elif kwargs.get("foreach") is False:
+        impl = "for-loop"
+    else:
+        impl = default
+    return impl, bool(kwargs.get("amsgrad", False))
+
+
+def describe(
+    model: nn.Module, optimizer: str | None = None, amsgrad: bool | None = None, default_optimizer: str = "foreach"
+) -> ModelFacts:
+    """The facts :func:`plan_memory` needs about an :class:`~emu_lightning.model.EmuModel` (on any device, meta too).
+
+    Blocks are found by class: in vision, resampler and LLM, the outermost ``ModuleList``/``Sequential`` whose
+    children share one class (LLaMA's decoder layers, timm's ``blocks``, the resamplers' layers); each block is
+    one FSDP unit and everything else the root unit. ``optimizer`` (``fused``, ``foreach``, ``for-loop``) and
+    ``amsgrad`` default to what the model's optimizer factory says, else ``default_optimizer``.
+    """
+    total, trainable = _params(model)
+    components = model.components() if hasattr(model, "components") else {"llm": model}
+    stacks: list[Stack] = []
+    in_blocks: dict[int, nn.Parameter] = {}
+    for name in GRAD_PATH:
+        component = components.get(name)
+        if component is None:
+            continue
+        checkpointed = _checkpointed(component)
+        for container in _same_class_containers(component):
+            blocks = list(container)
+            sizes = [_params(b) for b in blocks]
+            largest = max(range(len(blocks)), key=lambda k: sizes[k][0])
+            in_blocks.update(_unique_params(blocks))
+            shape = _block_shape(name, blocks[0], model)
+            stacks.append(
+                Stack(
+                    component=name,
+                    block_class=type(blocks[0]).__name__,
+                    count=len(blocks),
+                    block_params=sizes[largest][0],
+                    block_trainable=sizes[largest][1],
+                    checkpointed=checkpointed,
+                    **shape,
+                )
+            )
+    everything = {id(p): p for p in model.parameters()}
+    root = [p for k, p in everything.items() if k not in in_blocks]
+    path: list[str] = []
+    for name in GRAD_PATH:
+        component = components.get(name)
+        if component is not None and (path or any(p.requires_grad for p in component.parameters())):
+            path.append(name)
+    matmul_types: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    with contextlib.suppress(ImportError):
+        from transformers.pytorch_utils import Conv1D
+
+        matmul_types += (Conv1D,)
+    matmuls = [m for n in path for m in components[n].modules() if isinstance(m, matmul_types)]
+    trainables = [p.numel() for p in everything.values() if p.requires_grad]
+    llm = components.get("llm")
+    vocab = hidden = head_dim = 0
+    if llm is not None:
+        hidden = int(getattr(llm, "hidden_size", 0) or 0)
+        vocab = int(getattr(llm, "vocab_size", 0) or 0)
+        llama = next((s for s in stacks if s.component == "llm" and s.kind == "llama"), None)
+        head_dim = llama.hidden // llama.heads if llama is not None else 0
+    factory = getattr(model, "optimizer_factory", None)
+    impl, ams = _optimizer_impl(factory, default_optimizer)
+    return ModelFacts(
+        total_params=total,
+        trainable_params=trainable,
+        stacks=tuple(stacks),
+        root_params=sum(p.numel() for p in root),
+        root_trainable=sum(p.numel() for p in root if p.requires_grad),
+        autocast_params=sum(p.numel() for p in _unique_params(matmuls).values()),
+        largest_trainable_param=max(trainables, default=0),
+        grad_path=tuple(path),
+        vocab_size=vocab,
+        llm_hidden=hidden,
+        llm_head_dim=head_dim,
+        max_length=int(getattr(model, "max_length", 0) or 0),
+        optimizer=optimizer or impl,
+        amsgrad=ams if amsgrad is None else amsgrad,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def _probs_bytes(heads: int, attended: int, c: int) -> int:
+    """Eager attention, per token: the fp32 softmax probabilities and (below fp32) their cast to ``c``."""
+    return heads * attended * (4 + (c if c != 4 else 0))
+
+
+def llama_layer_bytes(
+    hidden: int, intermediate: int, heads: int, kv_heads: int, r: int, c: int, casts: bool, attended: int = 0
+) -> int:
+    """Bytes a LLaMA-like decoder layer (transformers) saves for the backward, per token.
+
+    ``r``: bytes of the residual stream, ``c``: compute bytes, ``casts``: autocast over fp32 weights (each of the
+    q/k/v/gate/up projections saves its own 16-bit cast of its input), ``attended``: the attended length for eager
+    attention (0: SDPA, which saves its output and a log-sum-exp instead of the probabilities).
+    """
+    h, d = hidden, hidden // heads
+    norms = 2 * (4 * (h + 1) + r * h)
+    inputs = c * h * (5 if casts else 2)
+    qkv = c * (h + 2 * kv_heads * d)
+    attention = c * h + (_probs_bytes(heads, attended, c) if attended else 4 * heads)
+    return norms + inputs + qkv + attention + 4 * c * intermediate
+
+
+def vit_layer_bytes(
+    hidden: int, intermediate: int, heads: int, r: int, c: int, autocast: bool, attended: int = 0
+) -> int:
+    """Bytes a pre-norm ViT block (timm: LayerNorms, fused qkv, GELU MLP) saves for the backward, per token.
+
+    Each LayerNorm saves its input and its mean and rstd: in fp32 under autocast (CUDA's autocast runs layer_norm in
+    fp32, casting a 16-bit input up), else at the residual stream's ``r``.
+    """
+    m = 4 if autocast else r
+    attention = _probs_bytes(heads, attended, c) if attended else 4 * heads
+    return 2 * (m * hidden + 2 * m) + c * (6 * hidden + 2 * intermediate) + attention
+
+
+def cross_layer_bytes(
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    r: int,
+    c: int,
+    autocast: bool,
+    casts: bool,
+    queries: int,
+    context: int,
+    eager: bool,
+) -> int:
+    """Bytes a resampler layer saves for the backward, per image: a ViT-like block over the ``queries`` plus a
+    cross-attention to ``context`` visual tokens (their keys and values included; the visual tokens themselves, the
+    input of every layer's key/value projection, are one tensor shared by the layers and not counted)."""
+    m = 4 if autocast else r
+    cross = m * hidden + 2 * m + 3 * c * hidden + c * hidden * casts  # + a second cast of the self-attention's input
+    if eager:
+        per_query = vit_layer_bytes(hidden, intermediate, heads, r, c, autocast, attended=queries)
+        per_query += cross + _probs_bytes(heads, context, c)
+    else:
+        per_query = vit_layer_bytes(hidden, intermediate, heads, r, c, autocast) + cross + 4 * heads
+    return queries * per_query + 2 * context * c * hidden
+
+
+def activation_bytes(
+    facts: ModelFacts, seq_len: int, batch: int, images: int, r: int, c: int, autocast: bool, casts: bool
+) -> dict[str, dict[str, int]]:
+    """Activations of one step per component of the gradient path: ``{name: {"bytes", "checkpointed_bytes"}}``.
+
+    ``llm_head`` holds what stays outside the LLM's blocks (rotary tables, final norm, LM head input, the loss).
+    """
+    out: dict[str, dict[str, int]] = {}
+
+    def add(name: str, full: int, checkpointed: int) -> None:
+        entry = out.setdefault(name, {"bytes": 0, "checkpointed_bytes": 0})
+        entry["bytes"] += full
+        entry["checkpointed_bytes"] += checkpointed
+
+    tokens = seq_len * batch
+    for s in facts.stacks:
+        if s.component not in facts.grad_path or s.kind is None:
+            continue
+        if s.component == "llm":
+            attended = seq_len if s.eager else 0
+            if s.kind == "llama":
+                layer = llama_layer_bytes(s.hidden, s.intermediate, s.heads, s.kv_heads, r, c, casts, attended)
+            else:
+                layer = vit_layer_bytes(s.hidden, s.intermediate, s.heads, r, c, autocast, attended)
+            count, per_layer = tokens, layer
+        elif s.kind == "cross":
+            layer = cross_layer_bytes(
+                s.hidden, s.intermediate, s.heads, r, c, autocast, casts, s.tokens, s.context, s.eager
+            )
+            count, per_layer = images, layer
+        else:
+            layer = vit_layer_bytes(s.hidden, s.intermediate, s.heads, r, c, autocast, s.tokens if s.eager else 0)
+            count, per_layer = images * s.tokens, layer
+        per_input = r * s.hidden * (tokens if s.component == "llm" else images * s.tokens)
+        add(s.component, s.count * count * per_layer, s.count * per_input + count * per_layer)
+    if "llm" in facts.grad_path and facts.vocab_size:
+        h = facts.llm_hidden
+        head = 2 * facts.llm_head_dim * r + 4 * (h + 1) + r * h + c * h + LOSS_BYTES_PER_LOGIT * facts.vocab_size
+        add("llm_head", tokens * head, tokens * head)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def _sharded(n_bytes: int, devices: int) -> int:
+    return math.ceil(n_bytes / devices)
+
+
+def plan_memory(
+    facts: ModelFacts,
+    precision: str = DEFAULT_PRECISION,
+    devices: int = DEFAULT_DEVICES,
+    seq_lens: Sequence[int] | None = None,
+    batch: int = 1,
+    images: int | None = None,
+    checkpointed: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Training memory per device under DDP and under full sharding over ``devices`` (see ``ASSUMPTIONS``).
+
+    ``seq_lens``: tokens per sequence (default: the model's ``max_length``); ``batch``: sequences per device and
+    step; ``images``: images per device and step (default: one per sequence); ``checkpointed``: the components
+    whose blocks checkpoint their activations "as configured" (default: those the built model checkpoints).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not planned; expected one of {list(PRECISIONS)}")
+    if devices < 1 or batch < 1:
+        raise ValueError(f"devices and batch must be >= 1, got {devices} and {batch}")
+    if facts.optimizer not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer {facts.optimizer!r} must be one of {list(OPTIMIZER_IMPLS)}")
+    seq_lens = list(seq_lens or [facts.max_length])
+    if not seq_lens or min(seq_lens) < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got {seq_lens}")
+    images = batch if images is None else images
+    if images < 0:
+        raise ValueError(f"images must be >= 0, got {images}")
+    if checkpointed is None:
+        checkpointed = sorted({s.component for s in facts.stacks if s.checkpointed})
+    prec = PRECISIONS[precision]
+    w, c = prec.weight_bytes, prec.compute_bytes
+    total, trainable = facts.total_params, facts.trainable_params
     if not 0 <= trainable <= total:
         raise ValueError(f"need 0 <= trainable <= total, got trainable {trainable}, total {total}")
-    parts = {
-        "weights_bytes": WEIGHT_BYTES * total,
-        "grads_bytes": GRAD_BYTES * trainable,
-        "optimizer_bytes": OPTIMIZER_BYTES * trainable,
+    moments = 3 if facts.amsgrad else 2
+    step = {"fused": 0, "foreach": trainable * w, "for-loop": 2 * facts.largest_trainable_param * w}[facts.optimizer]
+
+    ddp = {
+        "weights_bytes": total * w,
+        "master_weights_bytes": 0,
+        "grads_bytes": trainable * w,
+        "grad_buckets_bytes": trainable * w,
+        "optimizer_bytes": moments * trainable * w,
+        "optimizer_step_bytes": step,
+        "autocast_copies_bytes": facts.autocast_params * c if prec.autocast else 0,
     }
-    ddp = sum(parts.values())
-    sharded = {k: math.ceil(v / devices) for k, v in parts.items()}
-    sharded_total = math.ceil(ddp / devices)
+    fsdp = {
+        "weights_bytes": _sharded(total * w, devices),
+        "master_weights_bytes": 0,
+        "grads_bytes": _sharded(trainable * w, devices),
+        "grad_buckets_bytes": 0,
+        "optimizer_bytes": _sharded(moments * trainable * w, devices),
+        "optimizer_step_bytes": _sharded(step, devices),
+        "gathered_root_bytes": c * facts.root_params * (2 if facts.root_trainable else 1),
+        "gathered_block_bytes": max(
+            (c * s.block_params * (3 if s.block_trainable else 2) for s in facts.stacks), default=0
+        ),
+    }
+    fsdp["gathered_bytes"] = fsdp["gathered_root_bytes"] + fsdp["gathered_block_bytes"]
+    # The residual stream is in the weights' dtype as used: as held under DDP, gathered in c under FSDP.
+    plans = {
+        "ddp": (ddp, w, prec.autocast and w != c, ddp["autocast_copies_bytes"]),
+        "fsdp": (fsdp, c, False, fsdp["gathered_bytes"]),
+    }
+    out: dict[str, Any] = {}
+    for name, (parts, r, casts, transient) in plans.items():
+        states = sum(
+            parts[k] for k in ("weights_bytes", "master_weights_bytes", "optimizer_bytes", "grad_buckets_bytes")
+        )
+        per_seq = []
+        for seq_len in seq_lens:
+            acts = activation_bytes(facts, seq_len, batch, images, r, c, prec.autocast, casts)
+            full = sum(a["bytes"] for a in acts.values())
+            ckpt = sum(a["checkpointed_bytes"] for a in acts.values())
+            configured = sum(a["checkpointed_bytes" if k in checkpointed else "bytes"] for k, a in acts.items())
+            # llm_head follows the LLM: it is the same with and without checkpointing
+            entry: dict[str, Any] = {
+                "seq_len": seq_len,
+                "activations": {**{k: a["bytes"] for k, a in acts.items()}, "bytes": full},
+                "activations_checkpointed": {**{k: a["checkpointed_bytes"] for k, a in acts.items()}, "bytes": ckpt},
+                "activations_as_configured_bytes": configured,
+            }
+            for key, act in (("peak", full), ("peak_checkpointed", ckpt), ("peak_as_configured", configured)):
+                peak = states + parts["grads_bytes"] + max(act + transient, parts["optimizer_step_bytes"])
+                entry[f"{key}_bytes"], entry[f"{key}_gib"] = peak, _gib(peak)
+            per_seq.append(entry)
+        out[name] = {**parts, "states_bytes": states, "states_gib": _gib(states), "per_seq_len": per_seq}
+    blocks = [
+        {"component": s.component, "class": s.block_class, "count": s.count, "params": s.block_params, "kind": s.kind}
+        for s in facts.stacks
+    ]
+    not_planned = sorted({s.block_class for s in facts.stacks if s.kind is None})
     return {
         "devices": devices,
+        "precision": precision,
+        "optimizer": f"AdamW ({facts.optimizer}{', amsgrad' if facts.amsgrad else ''})",
+        "seq_lens": seq_lens,
+        "batch": batch,
+        "images": images,
+        "checkpointed_as_configured": list(checkpointed),
+        "gradient_path": list(facts.grad_path),
+        **({"blocks_without_activation_plan": not_planned} if not_planned else {}),
         "assumptions": ASSUMPTIONS,
-        "ddp": {**parts, "bytes": ddp, "gib": _gib(ddp)},
-        "sharded": {**sharded, "bytes": sharded_total, "gib": _gib(sharded_total)},
+        "units": {
+            "blocks": blocks,
+            "root_params": facts.root_params,
+            "root_trainable": facts.root_trainable,
+            "autocast_params": facts.autocast_params,
+        },
+        **out,
     }
 
 
@@ -140,11 +660,15 @@ def build(args: Sequence[str], device: str = "meta") -> tuple[nn.Module, Any]:
     return built.model, built.config
 
 
-def _devices_from_config(config: Any) -> int | None:
+def _config_value(config: Any, key: str) -> Any:
     try:
-        devices = config["trainer.devices"]
-    except KeyError:
+        return config[key]
+    except (KeyError, TypeError):
         return None
+
+
+def _devices_from_config(config: Any) -> int | None:
+    devices = _config_value(config, "trainer.devices")
     if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
     if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
@@ -152,12 +676,30 @@ def _devices_from_config(config: Any) -> int | None:
     return None  # "auto", -1, a device list: the count is not known here
 
 
+def _precision(value: Any) -> str | None:
+    """Lightning's name for a ``trainer.precision`` value (``bf16`` is ``bf16-mixed``, ``32`` is ``32-true``...)."""
+    if value is None:
+        return None
+    name = str(value).strip()
+    return PRECISION_ALIASES.get(name, name)
+
+
+def _batch_from_config(config: Any) -> int | None:
+    """Sequences per device and step: the data module's ``batch_sizes`` summed (a mixture), else its ``batch_size``."""
+    init = _config_value(config, "data.init_args")
+    sizes = getattr(init, "batch_sizes", None)
+    if isinstance(sizes, dict) and sizes:
+        return int(sum(sizes.values()))
+    size = getattr(init, "batch_size", None)
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m emu_lightning.inspect",
-        description="Count an Emu model's parameters and training memory on the meta device (no weights read). "
-        "Other arguments (e.g. --model.frozen '[vision]') go to the emu-lightning parser.",
+        description="Count an Emu model's parameters and plan its training memory per device on the meta device "
+        "(no weights read). Other arguments (e.g. --model.frozen '[vision]') go to the emu-lightning parser.",
     )
     parser.add_argument(
         "-c", "--config", action="append", required=True, help="YAML config; repeat to stack (later ones override)"
@@ -166,7 +708,21 @@ def _parser() -> argparse.ArgumentParser:
         "--devices",
         type=int,
         default=None,
-        help=f"N for the memory estimate (default: trainer.devices, else {DEFAULT_DEVICES})",
+        help=f"N devices to shard over (default: trainer.devices, else {DEFAULT_DEVICES})",
+    )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help=f"one of {', '.join(PRECISIONS)} (default: trainer.precision, else {DEFAULT_PRECISION})",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, nargs="+", default=None, help="tokens per sequence, one plan each (default: max_length)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="sequences per device and step (default: the data module's, else 1)"
+    )
+    parser.add_argument(
+        "--images", type=int, default=None, help="images per device and step (default: one per sequence)"
     )
     return parser
 
@@ -181,17 +737,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for path in args.config:
         if not Path(path).is_file():
             parser.error(f"config file not found: {path}")
-    if args.devices is not None and args.devices < 1:
-        parser.error(f"--devices must be >= 1, got {args.devices}")
+    for name in ("devices", "batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.images is not None and args.images < 0:
+        parser.error(f"--images must be >= 0, got {args.images}")
+    if args.seq_len is not None and min(args.seq_len) < 1:
+        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.precision is not None and _precision(args.precision) not in PRECISIONS:
+        parser.error(f"--precision {args.precision!r} is not planned; expected one of {list(PRECISIONS)}")
     cli_args = [a for path in args.config for a in ("--config", path)] + list(extra)
     model, config = build(cli_args, device="meta")
+    precision = (
+        _precision(args.precision) or _precision(_config_value(config, "trainer.precision")) or DEFAULT_PRECISION
+    )
+    if precision not in PRECISIONS:
+        parser.error(f"trainer.precision {precision!r} is not planned; give --precision, one of {list(PRECISIONS)}")
     counts = count(model)
-    devices = args.devices or _devices_from_config(config) or DEFAULT_DEVICES
-    report = {
-        "configs": list(args.config),
-        **counts,
-        "memory": training_memory(counts["total_params"], counts["trainable_params"], devices),
-    }
+    # torch's AdamW runs foreach on CUDA parameters and its for-loop on CPU ones unless told otherwise
+    on_cpu = str(_config_value(config, "trainer.accelerator")).lower() == "cpu"
+    facts = describe(model, default_optimizer="for-loop" if on_cpu else "foreach")
+    memory = plan_memory(
+        facts,
+        precision=precision,
+        devices=args.devices or _devices_from_config(config) or DEFAULT_DEVICES,
+        seq_lens=args.seq_len,
+        batch=args.batch or _batch_from_config(config) or 1,
+        images=args.images,
+    )
+    report = {"configs": list(args.config), **counts, "memory": memory}
     print(json.dumps(report, indent=2))
     return report
 

@@ -91,7 +91,6 @@ class ShapesWorldPairs(Dataset):
         return {"items": items, "id": f"{self.split}-{index}", "index": index, "references": references}
 
 
-
 class ShapesWorldDataModule(EmuDataModule):
     """ShapesWorld image-text pairs: procedurally generated, seeded, with a held-out split from other seeds.
 
