@@ -41,6 +41,8 @@ first_torch = sys.argv[1] == "default"
 if first_torch:
     os.environ.pop("OMP_WAIT_POLICY", None)
     import torch  # the OpenMP runtime starts with its own default wait policy
+else:
+    import emu_lightning  # first, as the command line does: it sets the policy before torch loads
 import lightning as L
 from emu_lightning.cli import cli
 at_load = None if first_torch else os.environ.get("OMP_WAIT_POLICY")  # the policy OpenMP started with
