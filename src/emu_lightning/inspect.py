@@ -757,8 +757,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # torch's AdamW runs foreach on CUDA parameters and its for-loop on CPU ones unless told otherwise
     on_cpu = str(_config_value(config, "trainer.accelerator")).lower() == "cpu"
     facts = describe(model, default_optimizer="for-loop" if on_cpu else "foreach")
+    # EmuFSDPStrategy checkpoints the activations of its `blocks` (configs/scale/): those components count as configured
+    blocks = {str(b).rsplit(".", 1)[-1] for b in _config_value(config, "trainer.strategy.init_args.blocks") or []}
+    by_strategy = {s.component for s in facts.stacks if s.block_class in blocks or s.checkpointed}
     memory = plan_memory(
         facts,
+        checkpointed=sorted(by_strategy) if blocks else None,
         precision=precision,
         devices=args.devices or _devices_from_config(config) or DEFAULT_DEVICES,
         seq_lens=args.seq_len,
