@@ -116,7 +116,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from lightning.pytorch.strategies import DDPStrategy
 
-    from emu_lightning.inspect import build, describe, plan_memory
+    from emu_lightning.inspect import build
+    from emu_lightning.memory import describe, plan_memory
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_throughput import loader, make_batches

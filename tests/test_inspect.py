@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from emu_lightning.inspect import (
+from emu_lightning.inspect import build, count, main
+from emu_lightning.memory import (
     ModelFacts,
-    build,
-    count,
     cross_layer_bytes,
     describe,
     llama_layer_bytes,
-    main,
     plan_memory,
     vit_layer_bytes,
 )
