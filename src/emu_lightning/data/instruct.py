@@ -330,7 +330,7 @@ class InstructionConversations(StreamingSource):
                 f"image_size {image_size}, num_frames {num_frames} and conversations_per_unit "
                 f"{conversations_per_unit} must be >= 1"
             )
-        files = expand_urls([str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)])
+        files = expand_urls(paths)
         if not files:
             raise ValueError("no instruction file given")
         for path in files:

@@ -133,10 +133,10 @@ def format_skips(totals: Mapping[str, Mapping[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Expand brace patterns (``/d/{00000..00009}.tar``) in one URL or a list of them, keeping their order."""
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    return [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+def expand_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Expand brace patterns (``/d/{00000..00009}.tar``) in one URL or path or a list of them, keeping their order."""
+    patterns = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    return [url for pattern in patterns for url in braceexpand.braceexpand(os.fspath(pattern))]
 
 
 def shuffled(records: Iterable[T], buffer_size: int, rng: np.random.Generator) -> Iterator[T]:

@@ -404,9 +404,7 @@ def _pairs(world: ShapesWorld, reader: ImageTextShards, root: Path, split: str, 
 
 
 def _mmc4(world: ShapesWorld, reader: MMC4Documents, root: Path, split: str, n: int, files: int) -> list[str]:
-    paths = reader.init_args["paths"]
-    first = expand_urls([str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)])[0]
-    layout = "wds" if first.endswith(".tar") else "jsonl"
+    layout = "wds" if expand_urls(reader.init_args["paths"])[0].endswith(".tar") else "jsonl"
     if layout == "jsonl" and (reader.image_dir is None or Path(reader.image_dir) != root / "images"):
         raise ValueError(f"ShapesWorld's jsonl layout puts the images in {root / 'images'}: set image_dir to it")
     return write_shapesworld_mmc4(world, root, split, n, layout=layout, docs_per_file=math.ceil(n / files))
@@ -487,9 +485,7 @@ class ShapesWorldWriter(DataWriter):
                 "your own files and no writer"
             )
         argument, write_format = FORMATS[kind]
-        configured = reader.init_args[argument]
-        configured = [configured] if isinstance(configured, (str, Path)) else configured
-        expected = [str(Path(p)) for p in expand_urls([str(p) for p in configured])]
+        expected = [str(Path(p)) for p in expand_urls(reader.init_args[argument])]
         root = Path(expected[0]).parent
         shared = [s for s, r in self._roots.items() if s != split and r == root]
         if shared and isinstance(reader, UNSPLIT_NAMES):
