@@ -1,4 +1,4 @@
-"""configs/scale/ (FSDP at the paper's sizes, emu_lightning.distributed.EmuFSDPStrategy): every overlay parses on its
+"""configs/scale/ (FSDP at the paper's sizes, emu_lightning.fsdp.EmuFSDPStrategy): every overlay parses on its
 base configs and keeps its strategy in the printed config; the wrap and checkpointing policies that torch FSDP would
 apply pick exactly the intended blocks of the 14B model built on the meta device (no process group); frozen
 components have no parameter in the optimizer; sharded checkpoints become one file and back (`emu-lightning
@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecision
 
 from emu_lightning.cli import EmuCLI, cli
-from emu_lightning.distributed import (
+from emu_lightning.fsdp import (
     EMU_BLOCKS,
     EMU_WRAP_ONLY,
     EVA_BLOCK,
@@ -84,7 +84,7 @@ def test_scale_config_parses_on_its_base_configs(parsed, name):
     built = parsed[name]
     cfg = built.config
     trainer, model = cfg.trainer, cfg.model
-    assert trainer.strategy.class_path == "emu_lightning.distributed.EmuFSDPStrategy"
+    assert trainer.strategy.class_path == "emu_lightning.fsdp.EmuFSDPStrategy"
     init = trainer.strategy.init_args
     assert list(init.blocks) == [LLAMA_LAYER, EVA_BLOCK, T5_BLOCK] == list(EMU_BLOCKS)
     assert list(init.wrap_only) == [UNET] == list(EMU_WRAP_ONLY)
@@ -359,7 +359,7 @@ def data():
 
 
 if __name__ == "__main__":
-    from emu_lightning.distributed import EmuFSDPStrategy
+    from emu_lightning.fsdp import EmuFSDPStrategy
 
     devices, max_steps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     # one batch of 8 rows a step (4 per rank): every step, resumed or not, sees the same rows

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from emu_lightning.callbacks import FinalCheckpoint, PreemptionCheckpoint
 from emu_lightning.checkpoints import EMU, CheckpointError, SafeCheckpointIO, load_checkpoint
-from emu_lightning.distributed import SHARDED_METADATA, is_sharded_checkpoint
+from emu_lightning.fsdp import SHARDED_METADATA, is_sharded_checkpoint
 from emu_lightning.model import COMPONENTS, TOKENIZER_FROM_CHECKPOINT, EmuModel
 
 ARCHITECTURE = (*COMPONENTS, "tokenizer")
@@ -278,7 +278,7 @@ def main() -> None:
 
         sys.exit(convert_main(sys.argv[2:]))
     if command == ["consolidate"]:
-        from emu_lightning.distributed import consolidate_main
+        from emu_lightning.fsdp import consolidate_main
 
         sys.exit(consolidate_main(sys.argv[2:]))
     if command in (["-h"], ["--help"]):
