@@ -6,6 +6,7 @@ import torch
 from conftest import make_model
 
 from emu_lightning.components.decoder import DiffusionDecoder
+from emu_lightning.images import resize
 from emu_lightning.shapesworld import ShapesWorldDataModule
 from emu_lightning.shapesworld.world import ShapesWorld
 from emu_lightning.tokenizer import tokenizer_to_state
@@ -148,3 +149,27 @@ def test_init_checkpoint_loads_every_component_it_holds(tmp_path):
     torch.testing.assert_close(model.decoder.state_dict(), decoder().state_dict())  # not in the checkpoint
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         make_model(init_checkpoint=str(tmp_path / "missing.ckpt"))
+
+
+def test_decoder_stage_data_comes_at_the_larger_size_and_each_part_takes_its_own(monkeypatch):
+    # The paper's sizes in miniature: the decoder draws at 32 px (Stable Diffusion's 512), the vision tower sees
+    # 16 px (EVA-CLIP's 224). The data module takes the larger from the model, and each part resizes to its own.
+    big = DiffusionDecoder(cond_dim=32, image_size=32, unet={"block_out_channels": (16, 32)})
+    model = make_model(num_queries=4, decoder=big, stage="decoder")
+    assert model.data_image_size == 32 and make_model(num_queries=4, decoder=decoder()).data_image_size == 16
+    seen = {"vision": set(), "decoder": set()}
+    vision_forward, decoder_loss = model.vision.forward, model.decoder.loss
+    monkeypatch.setattr(model.vision, "forward", lambda x: seen["vision"].add(tuple(x.shape[1:])) or vision_forward(x))
+    monkeypatch.setattr(model.decoder, "loss", lambda x, *a: seen["decoder"].add(tuple(x.shape[1:])) or decoder_loss(x, *a))
+    dm = ShapesWorldDataModule(batch_size=4, val_size=8, train_size=64, image_first_prob=0.0)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, dm)
+    assert dm.world.image_size == 32 and trainer.global_step == 2
+    assert seen == {"vision": set(), "decoder": {(3, 32, 32)}}  # conditioned on captions: no image is encoded
+    # The autoencoder condition encodes the same 32 px image at the vision tower's 16 px.
+    model.decoder_condition = "autoencoder"
+    image = ShapesWorld(image_size=32).image("val", 0)
+    images, condition = model.decoder_inputs(model.sequencer([["a red circle.", image]]))
+    assert images.shape == (1, 3, 32, 32) and seen["vision"] == {(3, 16, 16)}
+    torch.testing.assert_close(condition, model.encode_images(resize(image[None], 16)))

@@ -12,7 +12,7 @@ from emu_lightning.chat import parse_turn
 from emu_lightning.data.coco import load_image
 from emu_lightning.data.pairs import decode_image
 from emu_lightning.generate import parse_prompt
-from emu_lightning.images import ImageTransform
+from emu_lightning.images import ImageTransform, resize
 
 
 def test_every_path_gives_the_same_input_for_a_non_square_photo(tmp_path):
@@ -35,3 +35,14 @@ def test_every_path_gives_the_same_input_for_a_non_square_photo(tmp_path):
     assert torch.equal(reader, expected) and torch.equal(video, expected)
     for floats in (owned, evaluation, chat, generation):
         assert torch.equal(floats, expected.float() / 255)
+
+
+def test_resize_matches_pil_when_shrinking_and_keeps_images_of_its_size():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1))
+    big = ImageTransform(128)(photo).float()[None] / 255
+    assert resize(big, 128) is big
+    small = resize(big, 32)
+    direct = ImageTransform(32)(photo).float()[None] / 255
+    assert small.shape == (1, 3, 32, 32) and 0 <= small.min() and small.max() <= 1
+    assert (small - direct).abs().mean() < 0.03  # two bicubic steps, nearly PIL's one
+    assert resize(big.half(), 32).dtype == torch.float16

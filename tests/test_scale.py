@@ -173,7 +173,10 @@ def test_frozen_components_have_no_optimizer_state(parsed, name, trainable_units
     grouped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
     assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == trainable
+    if name == "emu-14b-decoder-fsdp.yaml":  # the data comes at Stable Diffusion's 512 px; EVA-CLIP takes 224
+        assert (model.data_image_size, model.vision.image_size, model.decoder.image_size) == (512, 224, 512)
     if name == "emu-14b-instruct-fsdp.yaml":  # LoRA: frozen weights and trainable adapters share each layer's unit
+        assert model.data_image_size == 224
         layer = next(m for m in units if type(m).__name__ == "LlamaDecoderLayer")
         assert {p.requires_grad for p in layer.parameters()} == {True, False}
 

@@ -7,6 +7,8 @@ here as ``(3, S, S)`` uint8 tensors (a quarter of the bytes of floats to hand fr
 scales them to ``[0, 1]`` on its device (:func:`emu_lightning.sequence.to_unit_range`).
 
 The vision component owns it: ``model.vision.image_transform`` is the :class:`ImageTransform` at its input size.
+When the model's parts take different sizes (the decoder stage), the data comes at the largest size and each part
+:func:`resize` s the batch to its own on the model's device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -30,6 +33,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
     return image.convert("RGB")
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Float images ``(N, 3, H, W)`` in ``[0, 1]`` resized to ``(N, 3, size, size)`` (bicubic, antialiased when
+    shrinking, as PIL's resize is); returned as they are when already that size. For a model whose parts take
+    different sizes (the decoder stage at the paper's sizes: 512 px for Stable Diffusion's VAE, 224 px for
+    EVA-CLIP), the data comes at the largest and each part resizes from it."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    dtype = images.dtype
+    out = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return out.clamp_(0, 1).to(dtype)
 
 
 @dataclass(frozen=True)

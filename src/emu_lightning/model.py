@@ -21,6 +21,7 @@ from torch import Tensor
 
 from emu_lightning.checkpoints import EMU, LIGHTNING, load_checkpoint
 from emu_lightning.components.base import LanguageModel, Resampler, VisionBackbone, VisualDecoder, on_meta_device
+from emu_lightning.images import resize
 from emu_lightning.inference import EmuInference
 from emu_lightning.schedules import WarmupCosine
 from emu_lightning.sequence import IGNORE_INDEX, SequenceBuilder, to_unit_range
@@ -256,6 +257,16 @@ class EmuModel(EmuInference, L.LightningModule):
     def num_queries(self) -> int:
         return self.resampler.num_queries
 
+    @property
+    def data_image_size(self) -> int:
+        """The side of the images the training data should give: the vision tower's, or in the decoder stage the
+        larger of it and the decoder's (each part resizes the batch to its own size: Stable Diffusion's 512 px
+        and EVA-CLIP's 224 px at the paper's sizes)."""
+        sizes = [self.vision.image_size]
+        if self.stage == "decoder" and self.decoder is not None and self.decoder.image_size:
+            sizes.append(self.decoder.image_size)
+        return max(sizes)
+
     def components(self) -> dict[str, torch.nn.Module]:
         return {n: getattr(self, n) for n in COMPONENTS if getattr(self, n) is not None}
 
@@ -267,8 +278,9 @@ class EmuModel(EmuInference, L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def encode_images(self, images: Tensor) -> Tensor:
-        """Images ``(N, 3, H, W)`` in ``[0, 1]`` (or uint8, scaled here) to visual embeddings ``(N, Q, D)``."""
-        return self.resampler(self.vision(to_unit_range(images)))
+        """Images ``(N, 3, H, W)`` in ``[0, 1]`` (or uint8, scaled here) to visual embeddings ``(N, Q, D)``; images
+        of another side than the vision tower's are resized to it (:attr:`data_image_size`)."""
+        return self.resampler(self.vision(resize(to_unit_range(images), self.vision.image_size)))
 
     def embed(self, input_ids: Tensor, images: Tensor | None) -> Tensor:
         """Token embeddings with every ``<image>`` placeholder overwritten by the visual embeddings, in order."""
@@ -332,9 +344,11 @@ class EmuModel(EmuInference, L.LightningModule):
             raise ValueError("no sample has text before an image: the decoder stage needs text-then-image samples")
         images = to_unit_range(batch["images"][first[keep]].to(self.device))
         if self.decoder_condition == "autoencoder":
-            return images, self.encode_images(images)
-        prompts = [ids[i, : int(starts[i][0])] for i in keep]
-        return images, self._regress(*self._left_pad(prompts))
+            condition = self.encode_images(images)
+        else:
+            prompts = [ids[i, : int(starts[i][0])] for i in keep]
+            condition = self._regress(*self._left_pad(prompts))
+        return resize(images, self.decoder.image_size or images.shape[-1]), condition
 
     def on_train_start(self) -> None:
         self._uncondition = None  # weights may have been loaded since the last fit

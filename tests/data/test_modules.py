@@ -145,7 +145,7 @@ def test_readers_without_an_image_size_take_the_models(shards):
 def test_a_reader_with_another_image_size_than_the_model_is_refused(shards):
     dm = StreamingDataModule(ImageTextShards(shards, image_size=32))
     dm.trainer = attached(16)
-    with pytest.raises(ValueError, match="data image_size 32 does not match the vision backbone's image_size 16"):
+    with pytest.raises(ValueError, match="data image_size 32 does not match the model.s: it needs 16 px images"):
         dm.setup("fit")
     held_out = StreamingDataModule(ImageTextShards(shards, image_size=16), val={"urls": shards, "image_size": 32})
     held_out.trainer = attached(16)

@@ -135,11 +135,14 @@ class LanguageModel(L.LightningModule):
 class VisualDecoder(L.LightningModule):
     """Turns ``(B, Q, D)`` regressed visual embeddings into images ``(B, 3, H, W)`` in ``[0, 1]``.
 
-    Subclasses set ``cond_dim`` (D) and may set ``num_queries`` (Q, when they need a fixed number of embeddings).
+    Subclasses set ``cond_dim`` (D) and may set ``num_queries`` (Q, when they need a fixed number of embeddings)
+    and ``image_size`` (the side of the images it trains on, when fixed: the decoder stage's data then comes at the
+    larger of it and the vision tower's, and each is resized from it).
     """
 
     cond_dim: int
     num_queries: int | None = None
+    image_size: int | None = None
 
     def loss(self, images: Tensor, condition: Tensor, uncondition: Tensor | None = None) -> Tensor:
         """The training loss of generating ``images`` from ``condition``; ``uncondition`` ``(1 or B, Q, D)`` is what

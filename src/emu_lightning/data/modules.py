@@ -97,16 +97,23 @@ class EmuDataModule(L.LightningDataModule):
         return self.sequencer
 
     def model_image_size(self) -> int | None:
-        """The input size of the attached model's vision backbone (None before a model is attached)."""
+        """The image side the attached model needs from its data (None before a model is attached): its vision
+        backbone's input size, or in the decoder stage the larger of it and the decoder's
+        (:attr:`EmuModel.data_image_size <emu_lightning.model.EmuModel.data_image_size>`)."""
         model = self.trainer.lightning_module if self.trainer is not None else None
-        vision = getattr(model, "vision", None)
-        return getattr(vision, "image_size", None)
+        if hasattr(model, "data_image_size"):
+            return model.data_image_size
+        return getattr(getattr(model, "vision", None), "image_size", None)
 
     def check_image_size(self, image_size: int) -> None:
-        """Raise when the attached model's vision backbone expects another image size than the data gives."""
+        """Raise when the attached model needs another image size than the data gives."""
         expected = self.model_image_size()
         if expected is not None and image_size != expected:
-            raise ValueError(f"data image_size {image_size} does not match the vision backbone's image_size {expected}")
+            raise ValueError(
+                f"data image_size {image_size} does not match the model's: it needs {expected} px images (the vision "
+                "backbone's input size, or in the decoder stage the larger of it and the decoder's); leave the "
+                "reader's image_size out to take it"
+            )
 
 
 class DataWriter(ABC):
@@ -128,7 +135,8 @@ class StreamingDataModule(EmuDataModule):
 
     Args:
         reader: the training reader, e.g. ``{class_path: emu_lightning.data.MMC4Documents, init_args: {paths: ...}}``.
-            Its ``image_size`` may be left out: it is the attached model's vision backbone's.
+            Its ``image_size`` may be left out: it is the size the attached model needs (its vision backbone's, or
+            in the decoder stage the larger of that and the decoder's).
         val: the held-out reader's arguments that differ from ``reader``'s, e.g. ``{paths: /data/mmc4/val.jsonl}``;
             none by default.
         writer: writes data to the readers' paths before training (:meth:`prepare_data`), e.g. ShapesWorld's;
