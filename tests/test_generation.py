@@ -160,7 +160,9 @@ def test_decoder_stage_data_comes_at_the_larger_size_and_each_part_takes_its_own
     seen = {"vision": set(), "decoder": set()}
     vision_forward, decoder_loss = model.vision.forward, model.decoder.loss
     monkeypatch.setattr(model.vision, "forward", lambda x: seen["vision"].add(tuple(x.shape[1:])) or vision_forward(x))
-    monkeypatch.setattr(model.decoder, "loss", lambda x, *a: seen["decoder"].add(tuple(x.shape[1:])) or decoder_loss(x, *a))
+    monkeypatch.setattr(
+        model.decoder, "loss", lambda x, *a: seen["decoder"].add(tuple(x.shape[1:])) or decoder_loss(x, *a)
+    )
     dm = ShapesWorldDataModule(batch_size=4, val_size=8, train_size=64, image_first_prob=0.0)
     trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip

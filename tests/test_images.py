@@ -38,7 +38,9 @@ def test_every_path_gives_the_same_input_for_a_non_square_photo(tmp_path):
 
 
 def test_resize_matches_pil_when_shrinking_and_keeps_images_of_its_size():
-    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1))
+    photo = Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+    )
     big = ImageTransform(128)(photo).float()[None] / 255
     assert resize(big, 128) is big
     small = resize(big, 32)

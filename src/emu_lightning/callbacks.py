@@ -54,6 +54,23 @@ class DataAccounting(Callback):
             print(f"training samples truncated at max_length {max_length} on rank 0: {self.truncated}")
 
 
+class StepTime(Callback):
+    """Logs ``train/step_time``: seconds from a training batch's start to its end (forward, backward, optimizer step;
+    not the loader's wait, validation or evaluations), so runs with different evaluations compare. EmuModel adds it
+    to every fit (``configure_callbacks``); ``emu-lightning ablate`` reports its median."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._start is not None:
+            pl_module.log("train/step_time", time.perf_counter() - self._start, batch_size=1)
+            self._start = None
+
+
 class FinalCheckpoint(Callback):
     """Save the weights a fit ends with, however it ends (``max_steps``, ``max_time``), at a fixed path, so that the
     next training stage can name it in its config (``model.init_checkpoint``) without knowing the run's version.

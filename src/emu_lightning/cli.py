@@ -5,6 +5,7 @@ emu-lightning fit --config configs/tiny.yaml --config configs/ablations/resample
 emu-lightning validate --config configs/tiny.yaml --ckpt_path PATH
 emu-lightning chat --ckpt PATH            (the assistant: see emu_lightning.chat)
 emu-lightning consolidate FOLDER --out FILE   (a sharded FSDP checkpoint to one file; a file to a folder: back)
+emu-lightning ablate --config BASE --variant FILE... --seeds N   (see emu_lightning.ablate)
 """
 
 from __future__ import annotations
@@ -263,6 +264,7 @@ MORE_SUBCOMMANDS = {
     "chat": "Talk to a trained EmuModel (emu-lightning chat --help).",
     "convert": "Emu's released weights to an EmuModel checkpoint, and back (emu-lightning convert --help).",
     "consolidate": "A sharded (FSDP) checkpoint folder to one file, and back (emu-lightning consolidate --help).",
+    "ablate": "Train a base config and its variants over seeds; one report (emu-lightning ablate --help).",
 }
 """Subcommands that are not Trainer methods: each has its own parser."""
 
@@ -281,6 +283,10 @@ def main() -> None:
         from emu_lightning.fsdp import consolidate_main
 
         sys.exit(consolidate_main(sys.argv[2:]))
+    if command == ["ablate"]:
+        from emu_lightning.ablate import main as ablate_main
+
+        sys.exit(ablate_main(sys.argv[2:]))
     if command in (["-h"], ["--help"]):
         try:
             cli()

@@ -389,10 +389,11 @@ class EmuModel(EmuInference, L.LightningModule):
         return losses["loss"]
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Every fit counts skipped and truncated samples (:class:`~emu_lightning.callbacks.DataAccounting`)."""
-        from emu_lightning.callbacks import DataAccounting
+        """Every fit counts skipped and truncated samples (:class:`~emu_lightning.callbacks.DataAccounting`) and
+        logs its step time (:class:`~emu_lightning.callbacks.StepTime`)."""
+        from emu_lightning.callbacks import DataAccounting, StepTime
 
-        return [DataAccounting()]
+        return [DataAccounting(), StepTime()]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self.stage_losses(batch)
