@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/instruct_memory.py $(call bench_size,--steps 3 --profiled-steps 2)
 	$(BIN)/python benchmarks/busy_machine.py $(call bench_size,--quick)
 	$(BIN)/python benchmarks/memory_plan.py $(call bench_size,--quick)
+	$(BIN)/python benchmarks/visdial_scoring.py $(call bench_size,--quick)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache
