@@ -101,7 +101,8 @@ def test_scale_config_parses_on_its_base_configs(parsed, name):
     if name == "emu-14b-fsdp.yaml":
         return
     # the stage overlays put back the paper's sizes over the tiny stage files
-    assert trainer.max_time is None and trainer.callbacks == []
+    assert trainer.max_time is None  # and no ShapesWorld evaluation: the learning-rate monitor only
+    assert [c.class_path for c in trainer.callbacks] == ["emu_lightning.reporting.LearningRateMonitor"]
     assert cfg.data.class_path == "emu_lightning.data.StreamingDataModule" and cfg.data.init_args.writer is None
     assert "runs/emu-14b" in model.init_checkpoint
     if name == "emu-14b-decoder-fsdp.yaml":

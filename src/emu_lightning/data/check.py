@@ -12,6 +12,8 @@ single frames and subtitle lines and for chat formats also leading assistant tur
 ``reasons`` (count per reason), ``examples`` (the first case of each reason, naming its file and record: a
 shard and sample key, a csv data row, a json entry), plus the format and paths. Exits 0 when at least one
 sample is usable, 1 otherwise (including a source that cannot be opened, with ``error`` in the JSON).
+A progress bar over the source's parts (shards, files, chunks of rows or lines) goes to stderr; ``EMU_PROGRESS=0``
+turns it off.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from emu_lightning.data.pairs import ImageTextShards
 from emu_lightning.data.storyboard import StoryboardVideos
 from emu_lightning.data.streaming import StreamingSource
 from emu_lightning.data.webvid import WebVidVideos
+from emu_lightning.progress import progress_bar
 
 FORMATS = ("webdataset", "mmc4", "webvid", "storyboard", *INSTRUCTION_FORMATS)
 
@@ -55,10 +58,23 @@ def check(fmt: str, paths: Sequence[str], args: argparse.Namespace) -> dict[str,
     report: dict[str, Any] = {"format": fmt, "paths": list(paths)}
     try:
         source = open_source(fmt, paths, args)
+        _show_progress(source, f"checking {fmt}")
         report.update(source.check(limit=args.limit), examples=source.skip_examples)
     except (OSError, ValueError) as err:
         report.update(ok=0, skipped=0, reasons={}, examples={}, error=f"{type(err).__name__}: {err}")
     return report
+
+
+def _show_progress(source: StreamingSource, desc: str) -> None:
+    """Make ``source.check`` show a bar with an ETA: it reads the parts ``units()`` lists in order, so this source's
+    ``units`` hands them out through the bar (which advances as each part is done)."""
+    units = source.units
+
+    def units_with_progress() -> Any:
+        parts = list(units())
+        return progress_bar(parts, total=len(parts), desc=desc, unit="part")
+
+    source.units = units_with_progress  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:

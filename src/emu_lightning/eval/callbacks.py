@@ -1,17 +1,23 @@
 """Callbacks that run zero-/few-shot evaluations during training and in ``emu-lightning validate``.
 
 Each runs its task every ``every_n_steps`` training steps and/or at the end of validation, logs the mean
-per number of shots (``eval/<task>_<k>shot``, with ``_std`` over seeds), and writes a JSON and a Markdown
-table per step to ``<run dir>/eval/``, with sample predictions beside references. Under DDP each rank
-predicts a strided shard of the queries (no padding duplicates), the predictions are gathered, and every
-rank scores the same union; demonstrations depend only on (seed, query), never on the number of ranks.
+per number of shots (``eval/<task>_<k>shot``, with ``_std`` over seeds) and a table of sample predictions
+(``eval/<task>_samples``, through :mod:`emu_lightning.reporting`), and writes to ``<run dir>/eval/`` per step: a
+JSON and a Markdown report (scores, a few samples) and every prediction as JSON lines
+(``<task>-step<N>-predictions.jsonl``: one line per query, shots and seed, with its prompt, demonstrations,
+references and score). Under DDP each rank predicts a strided shard of the queries (no padding duplicates), the
+predictions and their records are gathered, every rank scores the same union and rank 0 writes the files;
+demonstrations depend only on (seed, query), never on the number of ranks.
 Each reads its data files, which it requires; a subclass may write its own set first (the offline default's
 ShapesWorld sets, :mod:`emu_lightning.shapesworld.eval`, written into the run folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,8 @@ from emu_lightning.eval.metrics import (
     make_fid,
 )
 from emu_lightning.eval.tasks import FewShotTask, PromptTemplate, from_captions, from_vqa
+from emu_lightning.progress import progress_bar
+from emu_lightning.reporting import log_image, log_text
 
 
 class ScheduledEval(Callback):
@@ -126,6 +134,8 @@ class FewShotEval(ScheduledEval):
                               zero_shot_text_demos=zero_shot_text_demos, batch_size=batch_size)  # fmt: skip
         self.template = PromptTemplate(demo_template or self.default_demo, query_template or self.default_query, prefix)
         self.num_queries = num_queries
+        self.num_available: int | None = None
+        """Queries the evaluated split has (before ``num_queries``), once built."""
         self.task: FewShotTask | None = None
 
     def override(self, **args: Any) -> None:
@@ -149,6 +159,7 @@ class FewShotEval(ScheduledEval):
     def build(self, trainer: L.Trainer, pl_module: Any, root: Path) -> FewShotTask:
         """The task over this callback's examples; sets a subclass writes go under ``root`` (the run folder)."""
         queries, support = self.examples(trainer, pl_module, root / "eval_data")
+        self.num_available = len(queries)
         if self.num_queries is not None:
             queries = queries[: self.num_queries]
         encoder = pl_module.vision if self.task_args["selection"] == "rices" else None
@@ -158,25 +169,56 @@ class FewShotEval(ScheduledEval):
     def _run(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
         results = self.evaluate(trainer, pl_module)
         for shots, r in results["shots"].items():
-            _log(pl_module, f"eval/{self.task_name}_{shots}shot", r["mean"])
-            _log(pl_module, f"eval/{self.task_name}_{shots}shot_std", r["std"])
+            if r["mean"] is not None:  # a split without references (test-dev) is predicted, not scored
+                _log(pl_module, f"eval/{self.task_name}_{shots}shot", r["mean"])
+                _log(pl_module, f"eval/{self.task_name}_{shots}shot_std", r["std"])
+        vqa = self.task_name == "vqa"
+        columns = ["shots", "seed", "id", *(["question"] if vqa else []), "prediction", "references", "score"]
+        rows = [[s["shots"], s["seed"], s["key"], *([s["question"]] if vqa else []), s["prediction"],
+                 " / ".join(s["references"]), "" if s["score"] is None else f"{s['score']:.2f}"]
+                for s in results["samples"]]  # fmt: skip
+        log_text(trainer, f"eval/{self.task_name}_samples", columns, rows, results["step"])
         return results
 
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any]:
         """Evaluate now, outside the schedule (e.g. before training): results are recorded in ``history``
-        and written to the run folder, but not logged."""
+        and written to the run folder (the reports and every prediction), but not logged."""
         root = run_dir(trainer)  # a collective under DDP: every rank asks, before any rank-only branch
         if self.task is None:  # rank 0 writes any evaluation files, then the other ranks read them
             self.task = rank_zero_first(lambda: self.build(trainer, pl_module, root), f"{self.task_name} set-up")
         task, step = self.task, _weights_step(trainer, pl_module)
         shard = range(trainer.global_rank, len(task.queries), trainer.world_size)
         progress = lambda line: rank_zero_info(f"[{self.task_name}] step {step}: {line}")  # noqa: E731
-        results = {"step": step, "num_queries": len(task.queries),
-                   **task.evaluate(pl_module, shard, collect=gather_dicts, on_progress=progress)}  # fmt: skip
+        folder, stem = root / "eval", f"{self.task_name}-step{step:07d}"
+        submissions = self.submission_files(task, stem)
+        files = {"predictions": f"{stem}-predictions.jsonl", "submissions": sorted(submissions.values())}
+        zero = trainer.is_global_zero
+        with _json_lines(folder / files["predictions"]) if zero else contextlib.nullcontext() as write:
+
+            def on_samples(shots: int, seed: int, records: list[dict[str, Any]]) -> None:
+                if not zero:  # every rank holds the gathered records; rank 0 writes them
+                    return
+                for record in records:
+                    write({"task": self.task_name, "step": step, **record})
+                if (shots, seed) in submissions:
+                    self.write_submission_file(folder / submissions[shots, seed], records)
+
+            results = {"step": step, "num_queries": len(task.queries),
+                       **task.evaluate(pl_module, shard, collect=gather_dicts, on_progress=progress,
+                                       on_samples=on_samples)}  # fmt: skip
+        results["files"] = files
         self.history.append(results)
-        if trainer.is_global_zero:
-            _write_report(root / "eval", results)
+        if zero:
+            _write_report(folder, results)
         return results
+
+    def submission_files(self, task: FewShotTask, stem: str) -> dict[tuple[int, int], str]:
+        """File names of the submission files written per ``(shots, seed)``, under ``<run dir>/eval/``: none here
+        (:class:`VQAEval` writes the official VQA results format)."""
+        return {}
+
+    def write_submission_file(self, path: Path, records: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
 
 
 class CaptioningEval(FewShotEval):
@@ -226,17 +268,23 @@ class CaptioningEval(FewShotEval):
 class VQAEval(FewShotEval):
     """Zero-/few-shot VQA scored with the official VQA accuracy (x100), from VQAv2-format files.
 
-    OK-VQA and VizWiz share the format.
+    OK-VQA and VizWiz share the format. A split without answers (VQAv2 test-dev: ``annotations_json`` left out) is
+    predicted and not scored, and its answers are written in the official results format,
+    ``[{"question_id": int, "answer": str}, ...]``, to ``<run dir>/eval/vqa-step<N>-submission.json`` (with several
+    shots or seeds, one file per pair: ``vqa-step<N>-<k>shot-seed<s>-submission.json``).
 
     Args:
         questions_json: evaluated questions.
-        annotations_json: their annotations (answers).
+        annotations_json: their annotations (answers); ``None`` for a split without them (VQAv2 test-dev): then
+            nothing is scored and the submission file is written.
         image_root: folder of the evaluated images.
         image_template: image file name from ``image_id``.
         support_questions_json: questions that demonstrations come from (the train split).
         support_annotations_json: their annotations.
         support_image_root: folder of the support images.
         support_image_template: support image file name from ``image_id``.
+        write_submission: write the submission file also when the split has answers (e.g. VQAv2 val, to check the
+            scores with the official evaluation code); a split without answers always gets one.
         kwargs: the schedule and prompt options of :class:`FewShotEval`.
     """
 
@@ -255,19 +303,44 @@ class VQAEval(FewShotEval):
         support_annotations_json: str | None = None,
         support_image_root: str | None = None,
         support_image_template: str = "COCO_train2014_{image_id:012d}.jpg",
+        write_submission: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not self.writes_own_data:
-            _require(self, questions_json=questions_json, annotations_json=annotations_json, image_root=image_root,
+        if not self.writes_own_data:  # the evaluated split may lack answers (test-dev); the demonstrations need them
+            _require(self, questions_json=questions_json, image_root=image_root,
                      support_questions_json=support_questions_json, support_annotations_json=support_annotations_json,
                      support_image_root=support_image_root)  # fmt: skip
+        self.write_submission = write_submission
         self.query_files = (questions_json, annotations_json, image_root, image_template)
         self.support_files = (support_questions_json, support_annotations_json, support_image_root,
                               support_image_template)  # fmt: skip
 
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
         return from_vqa(read_vqa(*self.query_files)), from_vqa(read_vqa(*self.support_files))
+
+    def submission_files(self, task: FewShotTask, stem: str) -> dict[tuple[int, int], str]:
+        if task.scored and not self.write_submission:
+            return {}
+        if not task.scored and len(task.queries) < (self.num_available or 0):
+            rank_zero_warn(f"VQA submission: {len(task.queries)} of the {self.num_available} questions are "
+                           f"predicted (num_queries: {self.num_queries}); set num_queries: null for a complete "
+                           "submission")  # fmt: skip
+        runs = task.runs()
+        if len(runs) == 1:
+            return {runs[0]: f"{stem}-submission.json"}
+        return {(shots, seed): f"{stem}-{shots}shot-seed{seed}-submission.json" for shots, seed in runs}
+
+    def write_submission_file(self, path: Path, records: list[dict[str, Any]]) -> None:
+        """The official VQA results format: ``[{"question_id": int, "answer": str}, ...]`` in question order;
+        questions skipped (an image that does not load) are left out, with a warning."""
+        answers = [{"question_id": int(r["key"]), "answer": r["prediction"]} for r in records
+                   if r["prediction"] is not None]  # fmt: skip
+        if len(answers) < len(records):
+            rank_zero_warn(f"{path.name}: {len(records) - len(answers)} question(s) skipped (an image does not load) "
+                           "have no answer in the submission")  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace_text(path, json.dumps(answers))
 
 
 class TextToImageEval(ScheduledEval):
@@ -277,6 +350,13 @@ class TextToImageEval(ScheduledEval):
     FID uses the offline ``shapes-colour-hist-v1`` features unless ``inception_path`` names local Inception-v3
     FID weights; results are labelled with the extractor (``FID[<name>]``). Real statistics are computed once
     and cached in ``stats_cache_dir``. A model without ``generate_image`` is skipped with one warning.
+
+    Each evaluation writes to ``<run dir>/eval/``: a grid of the first 64 images (``text_to_image-step<N>.png``, 8
+    per row), the results (``.json``) and a line per prompt (``text_to_image-step<N>-predictions.jsonl``: ``key``,
+    ``prompt``, ``index`` in generation order, ``grid_index`` (its cell in the grid: row ``grid_index // 8``,
+    column ``grid_index % 8``; ``None`` past 64), ``image`` (the image's own PNG with ``save_images``) and the
+    per-image scores a subclass has, e.g. ShapesWorld's ``attributes``). The grid and the prompts are also logged
+    (``eval/text_to_image``, ``eval/text_to_image_prompts``).
 
     Args:
         every_n_steps: also evaluate every this many training steps (``None``: only at validation).
@@ -293,6 +373,7 @@ class TextToImageEval(ScheduledEval):
         extractor: FID feature extractor: ``default`` or ``shapes-colour-hist-v1``.
         inception_path: local Inception-v3 FID weights for a real Inception FID.
         stats_cache_dir: where real statistics are cached (default: ``<run dir>/eval/fid_stats``).
+        save_images: also save every generated image as a PNG, ``<run dir>/eval/text_to_image-step<N>/<index>.png``.
         strict: re-raise evaluation errors (by default they are logged and training goes on).
     """
 
@@ -312,11 +393,13 @@ class TextToImageEval(ScheduledEval):
         extractor: str = "default",
         inception_path: str | None = None,
         stats_cache_dir: str | None = None,
+        save_images: bool = False,
         strict: bool = False,
     ) -> None:
         super().__init__(every_n_steps, on_validation, strict)
         if not self.writes_own_data:
             _require(self, captions_json=captions_json, image_root=image_root)
+        self.save_images = save_images
         self.num_prompts, self.seed, self.batch_size = num_prompts, seed, batch_size
         self.captions_json, self.image_root, self.image_template = captions_json, image_root, image_template
         self.real_size, self.guidance_scale, self.steps = real_size, guidance_scale, steps
@@ -345,7 +428,9 @@ class TextToImageEval(ScheduledEval):
         return prompts, real, f"{Path(self.captions_json).stem}-{self.num_prompts}-seed{self.seed}-{self.real_size}px"
 
     def extra_scores(self, images: torch.Tensor, keys: list[Any]) -> dict[str, Any]:
-        """Scores beside FID for the generated ``images`` of prompts ``keys`` (none here; subclasses add theirs)."""
+        """Scores beside FID for the generated ``images`` of prompts ``keys`` (none here; subclasses add theirs),
+        merged into the results; a ``"per_sample"`` entry, ``{key: {name: value}}``, goes to each prompt's line of
+        the predictions file instead."""
         return {}
 
     def _setup(self, trainer: L.Trainer, pl_module: Any, root: Path) -> None:
@@ -371,11 +456,13 @@ class TextToImageEval(ScheduledEval):
         for k, v in results.get("attributes", {}).items():
             if k in ("colour_accuracy", "shape_accuracy", "scene_accuracy") and v is not None:
                 _log(pl_module, f"eval/t2i_{k}", v)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if trainer.is_global_zero and hasattr(experiment, "add_image"):  # TensorBoard: the grid beside the scalars
+        if trainer.is_global_zero:  # the grid beside the scalars, and which prompt is in which cell
             from torchvision.utils import make_grid
 
-            experiment.add_image("eval/text_to_image", make_grid(self.last_images[:64], nrow=8), results["step"])
+            log_image(trainer, "eval/text_to_image", make_grid(self.last_images[:64], nrow=8), results["step"])
+            prompts = dict(self._prompts)
+            rows = [[i, k, prompts[k]] for i, k in enumerate(self.last_keys[:64])]
+            log_text(trainer, "eval/text_to_image_prompts", ["grid_index", "key", "prompt"], rows, results["step"])
         return results
 
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> dict[str, Any] | None:
@@ -396,11 +483,14 @@ class TextToImageEval(ScheduledEval):
 
         def generate() -> dict[Any, torch.Tensor]:
             generated: dict[Any, torch.Tensor] = {}
-            for start in range(0, len(shard), self.batch_size):
-                chunk = shard[start : start + self.batch_size]
-                images = pl_module.generate_image([[caption] for _, caption in chunk],
-                                                  guidance_scale=self.guidance_scale, steps=self.steps)  # fmt: skip
-                generated.update({key: img.detach().float().cpu().clamp(0, 1) for (key, _), img in zip(chunk, images)})
+            with progress_bar(total=len(shard), desc=f"text-to-image step {step}", unit="image") as bar:
+                for start in range(0, len(shard), self.batch_size):
+                    chunk = shard[start : start + self.batch_size]
+                    images = pl_module.generate_image([[caption] for _, caption in chunk],
+                                                      guidance_scale=self.guidance_scale, steps=self.steps)  # fmt: skip
+                    generated.update({key: img.detach().float().cpu().clamp(0, 1)
+                                      for (key, _), img in zip(chunk, images)})  # fmt: skip
+                    bar.update(len(chunk))
             return generated
 
         generated = gather_dicts(generate, f"{self.task_name} generation")
@@ -410,18 +500,32 @@ class TextToImageEval(ScheduledEval):
         value = frechet_distance_from_stats(mu, sigma, *self._real_stats)
         results: dict[str, Any] = {"task": self.task_name, "step": step, "num_prompts": len(keys),
                                    "fid": {"metric": f"FID[{self._fid.extractor_name}]", "value": value}}  # fmt: skip
-        results.update(self.extra_scores(fake, keys))
+        extra = self.extra_scores(fake, keys)
+        per_sample = extra.pop("per_sample", {})
+        results.update(extra)
         self.last_images, self.last_keys = fake, keys
         prompts = dict(self._prompts)
         results["samples"] = [{"key": k, "prompt": prompts[k]} for k in keys[:8]]
+        stem = f"{self.task_name}-step{step:07d}"
+        results["files"] = {"grid": f"{stem}.png", "predictions": f"{stem}-predictions.jsonl",
+                            "images": f"{stem}/" if self.save_images else None}  # fmt: skip
         self.history.append(results)
         if trainer.is_global_zero:
             from torchvision.utils import save_image
 
             folder = root / "eval"
             folder.mkdir(parents=True, exist_ok=True)
-            save_image(fake[:64], folder / f"text_to_image-step{step:07d}.png", nrow=8)
-            (folder / f"text_to_image-step{step:07d}.json").write_text(json.dumps(results, indent=2, default=str))
+            save_image(fake[:64], folder / f"{stem}.png", nrow=8)
+            with _json_lines(folder / results["files"]["predictions"]) as write:
+                for i, k in enumerate(keys):
+                    image = None
+                    if self.save_images:
+                        image = f"{stem}/{i:05d}.png"
+                        (folder / stem).mkdir(exist_ok=True)
+                        save_image(fake[i], folder / image)
+                    write({"task": self.task_name, "step": step, "key": k, "prompt": prompts[k], "index": i,
+                           "grid_index": i if i < 64 else None, "image": image, **per_sample.get(k, {})})  # fmt: skip
+            (folder / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str))
         return results
 
 
@@ -458,17 +562,46 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+@contextlib.contextmanager
+def _json_lines(path: Path) -> Iterator[Any]:
+    """A function writing one JSON object per line to ``path``; the file appears there complete (written beside it,
+    renamed at the end), and not at all when the writing fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("w") as f:
+            yield lambda record: f.write(json.dumps(record, default=str) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _replace_text(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def _write_report(folder: Path, results: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{results['task']}-step{results['step']:07d}"
     (folder / f"{stem}.json").write_text(json.dumps(results, indent=2))
     title = (f"# {results['task']} at step {results['step']} ({results['num_queries']} queries, "
              f"{results['selection']} demonstrations)")  # fmt: skip
-    lines = [title, "", "| shots | mean | std | seeds |", "|---|---|---|---|"]
+    lines = [title, ""]
+    if not results["scored"]:
+        lines += ["Not scored: the evaluated split has no references.", ""]
+    lines += ["| shots | mean | std | seeds | evaluated |", "|---|---|---|---|---|"]
     for shots, r in results["shots"].items():
-        lines.append(f"| {shots} | {r['mean']:.2f} | {r['std']:.2f} | {len(r['per_seed'])} |")
-    lines += ["", "| id | question | prediction | references |", "|---|---|---|---|"]
+        mean, std = ("-", "-") if r["mean"] is None else (f"{r['mean']:.2f}", f"{r['std']:.2f}")
+        lines.append(f"| {shots} | {mean} | {std} | {len(r['seeds'])} | {r['num_evaluated']} |")
+    lines += ["", "| shots | seed | id | question | prediction | references | score |", "|---|---|---|---|---|---|---|"]
     for s in results["samples"]:
         refs = " / ".join(s["references"]).replace("|", "\\|")
-        lines.append(f"| {s['key']} | {s['question']} | {s['prediction'].replace('|', '/')} | {refs} |")
+        score = "-" if s["score"] is None else f"{s['score']:.2f}"
+        lines.append(f"| {s['shots']} | {s['seed']} | {s['key']} | {s['question']} | "
+                     f"{s['prediction'].replace('|', '/')} | {refs} | {score} |")  # fmt: skip
+    files = results.get("files", {})
+    lines += ["", f"Every prediction, with its prompt, demonstrations and score: `{files.get('predictions')}`"]
+    lines += [f"Submission file: `{name}`" for name in files.get("submissions", [])]
     (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from emu_lightning.components.base import VisionBackbone
+from emu_lightning.progress import progress_bar
 
 FAISS_MIN_SUPPORT = 2_000
 """Default backend switch: faiss from this many support images. On a 2-core AVX-512 EPYC (torch 2.14 with MKL,
@@ -263,9 +264,11 @@ class RICES:
 
     def _encode_support(self) -> Tensor:
         chunks = []
-        for start in range(0, self.num_images, self.batch_size):
-            items = self.first_item[start : start + self.batch_size].tolist()
-            chunks.append(self._encode(torch.stack([self.dataset[i][self.image_key] for i in items])))
+        with progress_bar(total=self.num_images, desc="RICES support features", unit="image") as bar:
+            for start in range(0, self.num_images, self.batch_size):
+                items = self.first_item[start : start + self.batch_size].tolist()
+                chunks.append(self._encode(torch.stack([self.dataset[i][self.image_key] for i in items])))
+                bar.update(len(items))
         return torch.cat(chunks)
 
     def _load_cache(self) -> Tensor | None:

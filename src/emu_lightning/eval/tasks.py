@@ -6,6 +6,10 @@ model's ``generate`` and scores. Demonstrations are drawn per query from a gener
 ``(seed, query key)``, so they do not depend on how queries are split over processes; RICES picks the
 most similar support images instead (most similar last, nearest the query). ``shots == 0`` with
 ``zero_shot_text_demos > 0`` is the paper's "zero-shot*": that many demonstrations with their images removed.
+
+Every prediction is recorded with what produced it and what it scored (:meth:`FewShotTask.evaluate`): the query's
+ids, the prompt as text, the demonstrations shown, the prediction, the references and the per-sample score, whose
+mean is the reported score. A query split without references (VQAv2 test-dev) is predicted and not scored.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from torch import Tensor
 
 from emu_lightning.data.coco import CaptionExample, load_image
 from emu_lightning.data.vqa import VQAExample
-from emu_lightning.eval.metrics import cider, postprocess_vqa_answer, vqa_accuracy
+from emu_lightning.eval.metrics import cider_score, postprocess_vqa_answer, vqa_accuracy
+from emu_lightning.progress import progress_bar
 from emu_lightning.sequence import END_OF_CHUNK
 
 _IMAGE = "\x00"
@@ -65,6 +70,11 @@ def render(template: str, image: Tensor | None, **fields: str) -> list[Any]:
         elif part:
             items.append(part)
     return items
+
+
+def prompt_text(items: Sequence[Any]) -> str:
+    """A prompt's items as one text: images as ``<image>``, the end of an example (EOS) as ``<end>``."""
+    return "".join("<image>" if isinstance(x, Tensor) else "<end>" if x == END_OF_CHUNK else str(x) for x in items)
 
 
 @dataclass
@@ -151,8 +161,24 @@ class FewShotTask:
                 f"once, but the support set has {images} different images ({len(self.support)} items)"
             )
         keys = [q.key for q in self.queries]
+        if not keys:
+            raise ValueError(f"no {self.name} queries to evaluate")
         if len(set(keys)) != len(keys):
             raise ValueError("query keys must be unique")
+        answered = [q for q in self.queries if q.references]
+        if answered and len(answered) < len(self.queries):
+            missing = next(q.key for q in self.queries if not q.references)
+            raise ValueError(
+                f"{len(self.queries) - len(answered)} of {len(self.queries)} queries have no references (e.g. "
+                f"{missing}): give references for every query, or for none (a test split, predicted and not scored)"
+            )
+        self.scored = bool(answered)
+        """Whether the queries have references (scores); a test split without them is only predicted."""
+        if most > 0:
+            bare = next((e.key for e in self.support if not e.references), None)
+            if bare is not None:
+                raise ValueError(f"support example {bare} has no references to show as a demonstration's "
+                                 f"{'caption' if self.name == 'captioning' else 'answer'}")  # fmt: skip
         self.images = ImageCache(self.image_size)
         if self.selection == "rices" and self.rices is None:
             from emu_lightning.eval.rices import RICES
@@ -181,6 +207,11 @@ class FewShotTask:
 
     def prompt(self, query_index: int, shots: int, seed: int) -> list[Any] | None:
         """The interleaved prompt for one query, or ``None`` when an image does not load (a counted skip)."""
+        return self._build(query_index, shots, seed)[1]
+
+    def _build(self, query_index: int, shots: int, seed: int) -> tuple[list[int], list[Any] | None, Path | None]:
+        """``(demonstrations, prompt, image that did not load)``: the support indices shown (in order), the
+        interleaved prompt (``None`` when an image does not load) and that image's path."""
         text_only = shots == 0 and self.zero_shot_text_demos > 0
         demos = self.demonstrations(query_index, self.zero_shot_text_demos if text_only else shots, seed)
         items: list[Any] = [self.template.prefix] if self.template.prefix else []
@@ -188,35 +219,77 @@ class FewShotTask:
             example = self.support[d]
             image = None if text_only else self.images(example.image_path)
             if image is None and not text_only:
-                return None
+                return demos, None, example.image_path
             items += render(self.template.demo, image, **self._fields(example, answer=True))
         query = self.queries[query_index]
         image = self.images(query.image_path)
         if image is None:
-            return None
-        return items + render(self.template.query, image, **self._fields(query, answer=False))
+            return demos, None, query.image_path
+        return demos, items + render(self.template.query, image, **self._fields(query, answer=False)), None
 
     # ------------------------------------------------------------------ running
-    def predict(self, model: Any, shots: int, seed: int, indices: Sequence[int] | None = None) -> dict[int, str]:
-        """Generated (post-processed) text per query key, for the queries at ``indices`` (default: all)."""
+    def runs(self) -> list[tuple[int, int]]:
+        """The ``(shots, seed)`` pairs :meth:`evaluate` runs, in order; without demonstrations (0 shots and no
+        text-only ones) seeds change nothing, so that number of shots runs once, with the first seed."""
+        return [(shots, seed) for shots in self.shots
+                for seed in (self.seeds if shots > 0 or self.zero_shot_text_demos > 0 else self.seeds[:1])]  # fmt: skip
+
+    def predict_samples(
+        self, model: Any, shots: int, seed: int, indices: Sequence[int] | None = None
+    ) -> dict[int, dict[str, Any]]:
+        """Per query key (for the queries at ``indices``, default: all): ``prompt`` (the text of the prompt,
+        :func:`prompt_text`), ``demonstrations`` (the support indices shown, in order) and ``prediction`` (the
+        post-processed generated text; ``None`` for a query skipped because an image does not load, with
+        ``skipped`` saying which)."""
         indices = range(len(self.queries)) if indices is None else indices
-        prompts = [(self.queries[i].key, self.prompt(i, shots, seed)) for i in indices]
-        prompts = [(k, p) for k, p in prompts if p is not None]
-        out: dict[int, str] = {}
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            texts = model.generate([p for _, p in chunk], **self.generation)
-            for (key, _), text in zip(chunk, texts):
-                out[key] = self.postprocess(text)
+        out: dict[int, dict[str, Any]] = {}
+        pending: list[tuple[int, list[Any]]] = []
+        desc = f"{self.name} {shots}-shot seed {seed}"  # a line with the score follows (on_progress): not kept
+        with progress_bar(total=len(indices), desc=desc, unit="query", leave=False) as bar:
+            done = 0
+
+            def generate() -> None:
+                texts = model.generate([p for _, p in pending], **self.generation)
+                if len(texts) != len(pending):
+                    raise ValueError(f"generate returned {len(texts)} texts for {len(pending)} prompts")
+                for (key, _), text in zip(pending, texts):
+                    out[key]["prediction"] = self.postprocess(text)
+                pending.clear()
+
+            for n, i in enumerate(indices, 1):
+                demos, prompt, failed = self._build(i, shots, seed)
+                key = self.queries[i].key
+                out[key] = {"prompt": None if prompt is None else prompt_text(prompt), "demonstrations": demos,
+                            "prediction": None}  # fmt: skip
+                if prompt is None:
+                    out[key]["skipped"] = f"image {str(failed)!r} does not load"
+                    continue
+                pending.append((key, prompt))
+                if len(pending) == self.batch_size:  # the same batches as generating every prompt at the end
+                    generate()
+                    bar.update(n - done)
+                    done = n
+            if pending:
+                generate()
+            bar.update(len(indices) - done)
         return out
+
+    def predict(self, model: Any, shots: int, seed: int, indices: Sequence[int] | None = None) -> dict[int, str]:
+        """Generated (post-processed) text per query key, for the queries at ``indices`` (default: all); skipped
+        queries are left out."""
+        samples = self.predict_samples(model, shots, seed, indices)
+        return {k: s["prediction"] for k, s in samples.items() if s["prediction"] is not None}
 
     def postprocess(self, text: str) -> str:
         if self.name == "captioning":
             return caption_postprocess(text)
         return postprocess_vqa_answer(text)
 
-    def score(self, predictions: dict[int, str]) -> float:
-        """CIDEr x100 (captioning) or mean VQA accuracy x100 over the predicted queries."""
+    def score_samples(self, predictions: dict[int, str]) -> tuple[float, dict[int, float]]:
+        """The score and each prediction's: CIDEr-D x100 and each image's CIDEr-D x100 (captioning; the corpus score
+        is the mean of the per-image ones), or the mean VQA accuracy x100 and each answer's accuracy x100."""
+        if not self.scored:
+            raise ValueError(f"the {self.name} queries have no references: nothing to score")
         refs = {q.key: list(q.references) for q in self.queries if q.key in predictions}
         unknown = sorted(set(predictions) - set(refs))
         if unknown:
@@ -224,17 +297,35 @@ class FewShotTask:
         if not predictions:
             raise ValueError("nothing to score: every query was skipped")
         if self.name == "captioning":
-            return cider(predictions, refs)
-        return 100.0 * sum(vqa_accuracy(predictions[k], refs[k]) for k in predictions) / len(predictions)
+            result = cider_score(predictions, refs)
+            return result.score, result.per_image
+        per_sample = {k: 100.0 * vqa_accuracy(predictions[k], refs[k]) for k in predictions}
+        return statistics.fmean(per_sample.values()), per_sample
+
+    def score(self, predictions: dict[int, str]) -> float:
+        """CIDEr x100 (captioning) or mean VQA accuracy x100 over the predicted queries."""
+        return self.score_samples(predictions)[0]
 
     def evaluate(
         self,
         model: Any,
         indices: Sequence[int] | None = None,
-        collect: Callable[[Callable[[], dict[int, str]], str], dict[int, str]] | None = None,
+        collect: Callable[[Callable[[], dict[int, Any]], str], dict[int, Any]] | None = None,
         on_progress: Callable[[str], None] | None = None,
+        on_samples: Callable[[int, int, list[dict[str, Any]]], None] | None = None,
     ) -> dict[str, Any]:
-        """Run every (shots, seed) pair; returns the mean and std per number of shots.
+        """Run every (shots, seed) pair of :meth:`runs`; returns per number of shots the ``mean`` and ``std`` over
+        seeds, ``per_seed`` (the score of each seed, in the order of ``seeds``), ``seeds`` and ``num_evaluated``.
+
+        Each pair records one sample per query, in query order: ``shots``, ``seed``, ``key`` (the query id),
+        ``image_id``, ``question`` (VQA only), ``prompt`` (:func:`prompt_text`; ``None`` for a skipped query),
+        ``demonstrations`` (``[{"key", "image_id"}, ...]`` of the support examples, in the order shown),
+        ``prediction`` (``None`` when skipped, with ``skipped`` saying why), ``references`` and ``score`` (the
+        prediction's CIDEr-D x100 or VQA accuracy x100; ``None`` when skipped or not scored). The mean of the
+        scores of a pair is that pair's score.
+
+        Queries without references (every one of them: a test split such as VQAv2 test-dev) are predicted and
+        not scored: ``scored`` is false and each number of shots has ``num_evaluated`` without a mean.
 
         Args:
             model: anything with ``generate`` (an :class:`~emu_lightning.model.EmuModel`).
@@ -243,32 +334,65 @@ class FewShotTask:
                 union of their predictions, failing on every rank when one fails (``distributed.gather_dicts``);
                 default: the predictions of this process alone.
             on_progress: called with a line per (shots, seed).
+            on_samples: called with ``(shots, seed, samples)`` after each pair (e.g. to write them to a file); by
+                default the samples of every pair are returned in ``results["records"]`` instead.
         """
-        results: dict[str, Any] = {"task": self.name, "selection": self.selection, "shots": {}}
-        predictions: dict[int, str] = {}
+        results: dict[str, Any] = {"task": self.name, "selection": self.selection, "scored": self.scored,
+                                   "shots": {}}  # fmt: skip
+        kept: list[dict[str, Any]] = []
+        scores: dict[int, list[float]] = {}
+        counts: dict[int, int] = {}
+        records: list[dict[str, Any]] = []
+        for shots, seed in self.runs():
+            predict = functools.partial(self.predict_samples, model, shots, seed, indices)
+            what = f"{self.name} {shots}-shot seed {seed}"
+            samples = predict() if collect is None else collect(predict, what)
+            predictions = {k: s["prediction"] for k, s in samples.items() if s["prediction"] is not None}
+            counts[shots] = len(predictions)
+            line = f"{what}: {len(predictions)} predicted, not scored (no references)"
+            per_sample: dict[int, float] = {}
+            if self.scored:
+                score, per_sample = self.score_samples(predictions)
+                scores.setdefault(shots, []).append(score)
+                line = f"{what}: {score:.2f}"
+            records = [self._record(q, shots, seed, samples[q.key], per_sample.get(q.key))
+                       for q in self.queries if q.key in samples]  # fmt: skip
+            if on_samples is not None:
+                on_samples(shots, seed, records)
+            else:
+                kept += records
+            if on_progress is not None:
+                on_progress(line)
         for shots in self.shots:
-            scores = []
-            drawn = shots > 0 or self.zero_shot_text_demos > 0
-            for seed in self.seeds if drawn else self.seeds[:1]:  # without demonstrations seeds change nothing
-                predict = functools.partial(self.predict, model, shots, seed, indices)
-                what = f"{self.name} {shots}-shot seed {seed}"
-                predictions = predict() if collect is None else collect(predict, what)
-                scores.append(self.score(predictions))
-                if on_progress is not None:
-                    on_progress(f"{self.name} {shots}-shot seed {seed}: {scores[-1]:.2f}")
+            per_seed = scores.get(shots, [])
             results["shots"][shots] = {
-                "mean": statistics.fmean(scores),
-                "std": statistics.pstdev(scores),
-                "per_seed": scores,
-                "num_evaluated": len(predictions),
+                "mean": statistics.fmean(per_seed) if per_seed else None,
+                "std": statistics.pstdev(per_seed) if per_seed else None,
+                "per_seed": per_seed,
+                "seeds": [seed for k, seed in self.runs() if k == shots],
+                "num_evaluated": counts[shots],
             }
-        by_key = {q.key: q for q in self.queries}
-        results["samples"] = [
-            {"key": k, "question": by_key[k].question, "prediction": p, "references": list(by_key[k].references[:3])}
-            for k, p in list(predictions.items())[:8]
-        ]
+        shown = [r for r in records if r["prediction"] is not None][:8]  # a few of the last pair, for the reports
+        results["samples"] = [{"shots": r["shots"], "seed": r["seed"], "key": r["key"],
+                               "question": r.get("question", ""), "prediction": r["prediction"],
+                               "references": r["references"][:3], "score": r["score"]} for r in shown]  # fmt: skip
         results["skipped_images"] = len(self.images.skipped)
+        if on_samples is None:
+            results["records"] = kept
         return results
+
+    def _record(
+        self, query: EvalExample, shots: int, seed: int, sample: dict[str, Any], score: float | None
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {"shots": shots, "seed": seed, "key": query.key, "image_id": query.image_id}
+        if self.name == "vqa":
+            record["question"] = query.question
+        demos = [{"key": self.support[d].key, "image_id": self.support[d].image_id} for d in sample["demonstrations"]]
+        record.update(prompt=sample["prompt"], demonstrations=demos, prediction=sample["prediction"],
+                      references=list(query.references), score=score)  # fmt: skip
+        if "skipped" in sample:
+            record["skipped"] = sample["skipped"]
+        return record
 
 
 class _SupportImages:

@@ -126,5 +126,14 @@ class ShapesWorldTextToImageEval(TextToImageEval):
         return prompts, real, f"shapesworld-val-seed{world.seed}-{world.image_size}px"
 
     def extra_scores(self, images: torch.Tensor, keys: list[Any]) -> dict[str, Any]:
+        """The attribute accuracies over every shape of every image, and per image (each prompt's line of the
+        predictions file): its accuracies, ``scene_correct`` (every shape has the right colour and a shape judged
+        right; ``scene_accuracy`` is its mean) and the judgement of each shape."""
         acc = shapes_attribute_accuracy_batch(images, [self._scenes[k] for k in keys])
-        return {"attributes": {k: v for k, v in acc.items() if k != "per_image"}}
+        per_sample = {
+            k: {"attributes": {**{n: p[n] for n in ("colour_accuracy", "shape_accuracy", "size_accuracy")},
+                               "scene_correct": all(r["colour_correct"] and r["shape_correct"] for r in p["shapes"]),
+                               "shapes": p["shapes"]}}
+            for k, p in zip(keys, acc["per_image"])
+        }  # fmt: skip
+        return {"attributes": {k: v for k, v in acc.items() if k != "per_image"}, "per_sample": per_sample}

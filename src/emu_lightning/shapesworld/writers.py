@@ -34,6 +34,7 @@ from emu_lightning.data.pairs import PIL_FORMATS, ImageTextShards, encode_image
 from emu_lightning.data.storyboard import Cue, StoryboardVideos, write_vtt
 from emu_lightning.data.streaming import StreamingSource, expand_urls
 from emu_lightning.data.webvid import WebVidVideos, format_duration, write_mp4
+from emu_lightning.progress import progress_bar
 from emu_lightning.shapesworld.owned import write_once
 from emu_lightning.shapesworld.world import BACKGROUND, COLOURS, ShapesWorld
 
@@ -94,12 +95,14 @@ def write_shapesworld_pairs(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     paths = []
-    for shard in range(math.ceil(num_samples / shard_size)):
-        path = str(root / f"{shard:05d}.tar")
-        with TarWriter(path, encoder=False, mtime=0) as sink:
-            for index in range(shard * shard_size, min(num_samples, (shard + 1) * shard_size)):
-                sink.write(shapesworld_pair_record(world, split, index, image_format, caption_ids))
-        paths.append(path)
+    with progress_bar(total=num_samples, desc=f"ShapesWorld pairs ({split})", unit="pair") as bar:
+        for shard in range(math.ceil(num_samples / shard_size)):
+            path = str(root / f"{shard:05d}.tar")
+            with TarWriter(path, encoder=False, mtime=0) as sink:
+                for index in range(shard * shard_size, min(num_samples, (shard + 1) * shard_size)):
+                    sink.write(shapesworld_pair_record(world, split, index, image_format, caption_ids))
+                    bar.update(1)
+            paths.append(path)
     return paths
 
 
@@ -175,27 +178,29 @@ def write_shapesworld_mmc4(
     root = Path(root)
     (root / "images" if layout == "jsonl" else root).mkdir(parents=True, exist_ok=True)
     paths, scene = [], 0
-    for k, first in enumerate(range(0, num_docs, docs_per_file)):
-        docs = []
-        for d in range(first, min(num_docs, first + docs_per_file)):
-            doc = shapesworld_story(world, split, d, scene, images_per_doc)
-            for info in doc["image_info"]:
-                data = encode_image(world.image(split, scene), "png")
-                if layout == "jsonl":
-                    (root / "images" / info["image_name"]).write_bytes(data)
-                else:
-                    info["image_base64"] = base64.b64encode(data).decode("ascii")
-                scene += 1
-            docs.append(doc)
-        if layout == "jsonl":
-            path = root / f"docs_shard_{k:05d}_v2.jsonl"
-            path.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-        else:
-            path = root / f"{k:05d}.tar"
-            with TarWriter(str(path), encoder=False, mtime=0) as sink:
-                for d, doc in enumerate(docs, first):
-                    sink.write({"__key__": f"{d:09d}", "json": json.dumps(doc).encode()})
-        paths.append(str(path))
+    with progress_bar(total=num_docs, desc=f"ShapesWorld MMC4 documents ({split})", unit="doc") as bar:
+        for k, first in enumerate(range(0, num_docs, docs_per_file)):
+            docs = []
+            for d in range(first, min(num_docs, first + docs_per_file)):
+                doc = shapesworld_story(world, split, d, scene, images_per_doc)
+                for info in doc["image_info"]:
+                    data = encode_image(world.image(split, scene), "png")
+                    if layout == "jsonl":
+                        (root / "images" / info["image_name"]).write_bytes(data)
+                    else:
+                        info["image_base64"] = base64.b64encode(data).decode("ascii")
+                    scene += 1
+                docs.append(doc)
+                bar.update(1)
+            if layout == "jsonl":
+                path = root / f"docs_shard_{k:05d}_v2.jsonl"
+                path.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+            else:
+                path = root / f"{k:05d}.tar"
+                with TarWriter(str(path), encoder=False, mtime=0) as sink:
+                    for d, doc in enumerate(docs, first):
+                        sink.write({"__key__": f"{d:09d}", "json": json.dumps(doc).encode()})
+            paths.append(str(path))
     return paths
 
 
@@ -244,7 +249,7 @@ def write_shapesworld_webvid(
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
-        for index in range(num_videos):
+        for index in progress_bar(range(num_videos), desc=f"ShapesWorld WebVid clips ({split})", unit="video"):
             frames, caption = shapesworld_clip(world, split, index, num_frames, travel)
             videoid = str(ShapesWorld.image_id(split, index))
             page = index // 100 * 100
@@ -279,7 +284,7 @@ def write_shapesworld_storyboard(
     index_path = root / f"index_{split}.jsonl"
     (root / "subtitles").mkdir(parents=True, exist_ok=True)
     with index_path.open("w") as index:
-        for i in range(num_videos):
+        for i in progress_bar(range(num_videos), desc=f"ShapesWorld storyboards ({split})", unit="video"):
             video_id = f"{split}_{i:06d}"
             folder = root / "frames" / video_id
             folder.mkdir(parents=True, exist_ok=True)
@@ -386,7 +391,7 @@ def write_shapesworld_llava(
     (root / "images").mkdir(parents=True, exist_ok=True)
     names: dict[int, str] = {}
     entries = []
-    for index in range(num_dialogues):
+    for index in progress_bar(range(num_dialogues), desc=f"ShapesWorld LLaVA dialogues ({split})", unit="dialogue"):
         entry, scenes = shapesworld_dialogue(world, split, index)
         for scene in scenes:
             if scene not in names:  # a compare dialogue shows the next dialogue's scene too
