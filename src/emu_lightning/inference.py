@@ -92,6 +92,33 @@ class EmuInference:
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         return self.generate([[img, template.format(question=q)] for img, q in zip(images, questions)], **kwargs)
 
+    def score_options(
+        self,
+        prompt: Sequence[Any],
+        options: Sequence[str],
+        option_batch_size: int = 100,
+        reduction: str = "sequence_mean",
+    ) -> Tensor:
+        """How likely each of ``options`` is as the continuation of ``prompt``: a ``(N,)`` float tensor (on the CPU),
+        higher is better, as the VisDial evaluation ranks answer options
+        (:class:`~emu_lightning.eval.visdial.OptionScorer`: the prompt runs once and its KV cache serves every chunk of
+        ``option_batch_size`` options).
+
+        Args:
+            prompt: interleaved items (text, ``(3, H, W)`` images, ``END_OF_CHUNK``), as for :meth:`generate`.
+            options: the texts to score; each is written after a space (``" red"``, a new word, as an answer follows
+                ``answer:``, and as :data:`~emu_lightning.eval.visdial.EMU_I_TEMPLATE` writes an option), without EOS.
+            option_batch_size: options per forward (each holds a copy of the prompt's KV cache).
+            reduction: ``sequence_mean`` (the released evaluation's: the option's summed log-likelihood over the
+                whole sequence's length less one), ``sum`` (the summed log-likelihood) or ``mean`` (per option
+                token); see :meth:`~emu_lightning.eval.visdial.OptionScores.scores`.
+        """
+        from emu_lightning.eval.visdial import REDUCTIONS, OptionScorer
+
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction {reduction!r} must be one of {list(REDUCTIONS)}")
+        return OptionScorer(self, option_batch_size=option_batch_size).score(prompt, options).scores(reduction)
+
     # ------------------------------------------------------------------ assistant
     def chat(
         self,

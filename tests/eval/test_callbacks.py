@@ -12,11 +12,13 @@ import torch
 from conftest import make_model
 from eval_fakes import VQA_ANSWERS, Guesser
 
-from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
+from emu_lightning.eval.callbacks import CaptioningEval, OKVQAEval, TextToImageEval, VizWizEval, VQAEval
 from emu_lightning.shapesworld import (
     ShapesWorldCaptioningEval,
     ShapesWorldDataModule,
+    ShapesWorldOKVQAEval,
     ShapesWorldTextToImageEval,
+    ShapesWorldVizWizEval,
     ShapesWorldVQAEval,
 )
 from emu_lightning.shapesworld.world import ShapesWorld
@@ -259,6 +261,9 @@ def test_evaluations_need_their_data_files():
         (VQAEval, ["questions_json", "image_root", "support_questions_json", "support_annotations_json",
                    "support_image_root"]),  # the evaluated split may lack answers (test-dev)
         (TextToImageEval, ["captions_json", "image_root"]),
+        (OKVQAEval, ["questions_json", "image_root", "support_questions_json", "support_annotations_json",
+                     "support_image_root"]),
+        (VizWizEval, ["annotations_json", "image_root", "support_annotations_json", "support_image_root"]),
     ):  # fmt: skip
         with pytest.raises(ValueError) as error:
             make()
@@ -282,6 +287,9 @@ def test_shapesworld_evaluations_build_without_files():
     assert ShapesWorldCaptioningEval().support == 200
     vqa = ShapesWorldVQAEval(support=7, shots=[0])
     assert isinstance(vqa, VQAEval) and vqa.support == 7 and ShapesWorldVQAEval().support == 50
+    okvqa, vizwiz = ShapesWorldOKVQAEval(support=5), ShapesWorldVizWizEval(support=6, unanswerable_share=0.5)
+    assert isinstance(okvqa, OKVQAEval) and okvqa.task_name == "okvqa" and okvqa.support == 5
+    assert isinstance(vizwiz, VizWizEval) and vizwiz.task_name == "vizwiz" and vizwiz.unanswerable_share == 0.5
     t2i = ShapesWorldTextToImageEval(num_prompts=4)
     assert isinstance(t2i, TextToImageEval) and t2i.captions_json is None and t2i.num_prompts == 4
     # and data files given to one are an error, not silently ignored for the toy set
@@ -289,6 +297,8 @@ def test_shapesworld_evaluations_build_without_files():
         (ShapesWorldCaptioningEval, "karpathy_json"),
         (ShapesWorldVQAEval, "questions_json"),
         (ShapesWorldTextToImageEval, "captions_json"),
+        (ShapesWorldOKVQAEval, "annotations_json"),
+        (ShapesWorldVizWizEval, "support_image_root"),
     ):
         base = make.__name__.removeprefix("ShapesWorld")
         expected = rf"{make.__name__} writes its own ShapesWorld set; for your files \['{what}'\] use {base}"

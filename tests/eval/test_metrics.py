@@ -16,6 +16,8 @@ from emu_lightning.eval.metrics import (
     load_stats,
     make_fid,
     normalize_vqa_answer,
+    okvqa_stem,
+    postprocess_okvqa_answer,
     postprocess_vqa_answer,
     save_stats,
     vqa_accuracy,
@@ -196,6 +198,66 @@ def test_vqa_accuracy_follows_official_reference_handling():
 )
 def test_postprocess_vqa_answer(text, expected):
     assert postprocess_vqa_answer(text) == expected
+
+
+# VizWiz val VizWiz_val_00000000.jpg and VizWiz_val_00000001.jpg (as OpenFlamingo's conversion of val.json quotes them)
+VIZWIZ_UNANSWERABLE = ["unanswerable"] * 8 + ["cannot repair this computer automatically", "blank screen"]
+VIZWIZ_MEDICINE = ["no", "unanswerable", "night time", "unanswerable", "night time", "night time cold medicine",
+                   "night time", "night time", "night time", "night time medicine"]  # fmt: skip
+
+
+def test_vqa_accuracy_scores_unanswerable_as_vizwiz_does():
+    """VizWiz's official evaluation scores "unanswerable" like any answer, against the 10 annotators' answers."""
+    assert vqa_accuracy("unanswerable", VIZWIZ_UNANSWERABLE) == 1.0  # 7 or 8 matches among the other 9
+    assert vqa_accuracy("Unanswerable.", VIZWIZ_UNANSWERABLE) == 1.0  # normalised like any prediction
+    assert vqa_accuracy("blank screen", VIZWIZ_UNANSWERABLE) == pytest.approx(0.3)  # 9 x 1/3, and 0 when left out
+    # 2 of 10 said unanswerable: left out, 1 match among the other 9 (1/3), else 2 (2/3): (2/3 + 16/3) / 10
+    assert vqa_accuracy("unanswerable", VIZWIZ_MEDICINE) == pytest.approx(0.6)
+    assert vqa_accuracy("night time", VIZWIZ_MEDICINE) == 1.0  # 5 say it
+    assert vqa_accuracy("unanswerable", ["white"] * 10) == 0.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("riding", "ride"),  # the dataset's own table
+        ("clothes", "cloth"),
+        ("men's", "men"),
+        ("tennis", "tennis"),
+        ("running", "run"),  # -ing: its verb
+        ("making", "make"),
+        ("skiing", "ski"),
+        ("surfing", "surf"),
+        ("dancing", "dance"),
+        ("something", "something"),
+        ("thing", "thing"),
+        ("dogs", "dog"),  # plural nouns: singular
+        ("boxes", "box"),
+        ("berries", "berry"),
+        ("knives", "knife"),
+        ("people", "person"),
+        ("buses", "bus"),
+        ("potatoes", "potato"),
+        ("yes", "yes"),  # not plurals
+        ("glass", "glass"),
+        ("bus", "bus"),
+        ("sheep", "sheep"),
+        ("two dogs playing", "two dog play"),
+        ("3", "3"),
+    ],
+)
+def test_okvqa_stem(text, expected):
+    assert okvqa_stem(text) == expected
+
+
+def test_okvqa_answers_are_stemmed_before_scoring():
+    """OK-VQA's references are stemmed ("racing" is annotated "race"): so is the prediction, after Emu's short
+    answer."""
+    references = ["race"] * 6 + ["motocross"] * 4
+    assert postprocess_okvqa_answer("Racing. It is a race bike") == "race"
+    assert vqa_accuracy(postprocess_okvqa_answer("racing"), references) == 1.0
+    assert vqa_accuracy(postprocess_vqa_answer("racing"), references) == 0.0  # VQAv2's post-processing misses it
+    assert postprocess_okvqa_answer("the dogs") == "dog"
 
 
 # ---------------------------------------------------------------------------------------------- Frechet distances

@@ -13,6 +13,7 @@ from emu_lightning.eval.visdial import (
     DialogTemplate,
     OptionScorer,
     OptionScores,
+    chance_metrics,
     dialog_prompt,
     evaluate_visdial,
     expand_cache,
@@ -73,6 +74,25 @@ def test_metrics_from_records_skips_and_ndcg():
     assert m["num_ranked"] == 4 and m["num_ndcg"] == 2 and m["ndcg"] == pytest.approx(0.75)
     assert m["r@1"] == 0.25 and m["r@5"] == 0.75 and m["mean_rank"] == pytest.approx(27 / 4)
     assert metrics_from_records([{"gt_rank": 3, "ndcg": None}])["ndcg"] is None
+
+
+def test_chance_metrics_are_the_mean_over_every_ranking():
+    """The chance levels are exact: the mean of each metric over all 24 rankings of four options equals them."""
+    import itertools
+
+    dense = VisDialRound(1, Path("x.jpg"), "", 1, (), "q", ("a", "b", "c", "d"), 2, (1.0, 0.5, 0.0, 0.0))
+    plain = VisDialRound(1, Path("x.jpg"), "", 2, (), "q", ("a", "b", "c", "d", "e"), 0)
+    chance = chance_metrics([dense, plain])
+    perms = list(itertools.permutations(range(1, 5)))
+    assert chance["ndcg"] == pytest.approx(sum(ndcg(list(p), dense.relevance) for p in perms) / len(perms))
+    assert chance["mrr"] == pytest.approx(
+        ((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4 + (1 + 1 / 2 + 1 / 3 + 1 / 4 + 1 / 5) / 5) / 2
+    )
+    assert chance["r@1"] == pytest.approx((1 / 4 + 1 / 5) / 2) and chance["r@5"] == pytest.approx((1 + 1) / 2)
+    assert chance["mean_rank"] == pytest.approx((2.5 + 3) / 2)
+    hundred = chance_metrics([VisDialRound(1, Path("x"), "", 1, (), "q", tuple(map(str, range(100))), 0)])
+    assert hundred == pytest.approx({"r@1": 0.01, "r@5": 0.05, "r@10": 0.1, "mrr": 0.05187, "mean_rank": 50.5,
+                                     "ndcg": None}, abs=1e-5)  # fmt: skip
 
 
 def test_option_score_reductions():
@@ -146,6 +166,23 @@ def test_cached_scores_equal_naive(model, chunk):
         torch.testing.assert_close(cached.scores(reduction), naive.scores(reduction), atol=1e-4, rtol=0)
     assert cached.log_likelihood[0] == pytest.approx(float(cached.log_likelihood[5]), abs=1e-5)  # "yes" twice
     assert (cached.log_likelihood < 0).all()
+
+
+def test_score_options_is_the_option_scorer(model):
+    """EmuModel.score_options, the public entry point: the OptionScorer's scores by each reduction (options after a
+    space, the prompt's KV cache shared), on the CPU, with the model's training mode left as it was."""
+    torch.manual_seed(0)
+    prompt = dialog_prompt(_round(), torch.rand(3, 16, 16), SHORT)
+    expected = OptionScorer(model).score(prompt, OPTIONS)
+    model.train()
+    for reduction in ("sum", "mean", "sequence_mean"):
+        scores = model.score_options(prompt, OPTIONS, option_batch_size=3, reduction=reduction)
+        assert scores.shape == (len(OPTIONS),) and scores.device.type == "cpu"
+        torch.testing.assert_close(scores, expected.scores(reduction), atol=1e-5, rtol=0)
+    assert model.training
+    torch.testing.assert_close(model.score_options(prompt, OPTIONS), expected.scores("sequence_mean"), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="reduction 'max'"):
+        model.score_options(prompt, OPTIONS, reduction="max")
 
 
 def test_naive_scores_match_the_whole_sequence(model):
@@ -299,5 +336,5 @@ def test_evaluate_skips_missing_images_and_scores_the_rest(model, tmp_path):
     assert m["mean_rank"] == pytest.approx(sum(r["gt_rank"] for r in scored) / 3)
     naive = evaluate_visdial(model, rounds[3:], template=SHORT, naive=True, keep_ranks=True)
     assert [r["ranks"] for r in naive["records"]] == [r["ranks"] for r in scored]
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="all 3 images failed to load"):
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"all 3 rounds failed to load \(1 file"):
         evaluate_visdial(model, rounds[:3], template=SHORT)

@@ -10,6 +10,10 @@ most similar support images instead (most similar last, nearest the query). ``sh
 Every prediction is recorded with what produced it and what it scored (:meth:`FewShotTask.evaluate`): the query's
 ids, the prompt as text, the demonstrations shown, the prediction, the references and the per-sample score, whose
 mean is the reported score. A query split without references (VQAv2 test-dev) is predicted and not scored.
+
+VQA tasks (``vqa``, ``okvqa``, ``vizwiz``) share the prompts and the VQA accuracy; a task may post-process answers its
+own way (OK-VQA stems them) and may ask a second question per query (:class:`AnswerabilityPrompt`, the released Emu-I
+VizWiz protocol: when the model says the answer is not known, the prediction is "unanswerable").
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import functools
 import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +30,20 @@ import numpy as np
 from torch import Tensor
 
 from emu_lightning.data.coco import CaptionExample, load_image
-from emu_lightning.data.vqa import VQAExample
+from emu_lightning.data.vqa import UNANSWERABLE, VQAExample
 from emu_lightning.eval.metrics import cider_score, postprocess_vqa_answer, vqa_accuracy
 from emu_lightning.progress import progress_bar
 from emu_lightning.sequence import END_OF_CHUNK
 
 _IMAGE = "\x00"
 _END = "\x01"
+VQA_TASKS = ("vqa", "okvqa", "vizwiz")
+"""Task names scored with the VQA accuracy (prompts with ``question`` and ``answer``); the other is ``captioning``."""
+EMU_I_SYSTEM = (
+    "You will be presented with an image: [IMG]ImageContent[/IMG]. You will be able to see the image after I "
+    "provide it to you. Please answer my questions based on the given image."
+)
+"""The system message of Emu-I's released evaluation (``image_system_msg`` of Emu1 ``mm_eval``)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,8 @@ class EvalExample:
     image_path: Path
     references: tuple[str, ...]
     question: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """Fields copied into each record of this query (VizWiz: its ``image`` file name and ``answerable``)."""
 
 
 def from_captions(examples: Sequence[CaptionExample]) -> list[EvalExample]:
@@ -53,6 +66,14 @@ def from_captions(examples: Sequence[CaptionExample]) -> list[EvalExample]:
 
 def from_vqa(examples: Sequence[VQAExample]) -> list[EvalExample]:
     return [EvalExample(e.question_id, e.image_id, e.image_path, e.answers, e.question) for e in examples]
+
+
+def from_vizwiz(examples: Sequence[VQAExample]) -> list[EvalExample]:
+    """VizWiz examples (:func:`~emu_lightning.data.vqa.read_vizwiz`); their records also show the ``image`` file
+    name, ``answerable`` (the annotators' 0 or 1; ``None`` in the test split) and ``answer_type``."""
+    return [EvalExample(e.question_id, e.image_id, e.image_path, e.answers, e.question,
+                        {"image": e.image_name, "answerable": e.answerable, "answer_type": e.answer_type})
+            for e in examples]  # fmt: skip
 
 
 def render(template: str, image: Tensor | None, **fields: str) -> list[Any]:
@@ -94,6 +115,31 @@ def caption_postprocess(text: str) -> str:
     return first.lower()
 
 
+@dataclass(frozen=True)
+class AnswerabilityPrompt:
+    """A second question per query, whether the answer is known: when the model says no, the prediction is
+    ``unanswerable`` instead of its answer to the first prompt (Emu-I's released VizWiz protocol).
+
+    The prompt shares the task's prefix and demonstrations (the same support examples, in the same order); fields:
+    ``question``, ``answer`` and ``known`` (``"no"`` for a demonstration whose majority answer is ``unanswerable``,
+    else ``"yes"``).
+    """
+
+    query: str
+    """The second prompt's query; ``{image}`` and ``{question}`` as in the task's query template."""
+    demo: str
+    """One demonstration of the second prompt (``{known}`` is its answer)."""
+    unanswerable: str = UNANSWERABLE
+    """The prediction when the model says the answer is not known."""
+
+    def says_unknown(self, text: str) -> bool:
+        """Whether the model's reply to the second prompt is "no": its first line, lower-cased and stripped of
+        whitespace and of one final period, is ``no``. (The released code compares the decoded text with ``"no."``
+        exactly; case, surrounding spaces and the period are forgiven here, since tokenizers differ in them.)"""
+        first = text.strip().split("\n")[0].strip().lower()
+        return first.removesuffix(".").strip() == "no"
+
+
 class ImageCache:
     """Loads each unique image file once; failed decodes are counted (``skipped``) and return ``None``."""
 
@@ -115,7 +161,8 @@ class FewShotTask:
     """A zero-/few-shot evaluation over ``queries`` with demonstrations from ``support``.
 
     Args:
-        name: ``captioning`` or ``vqa`` (chooses the metric and the template fields).
+        name: ``captioning``, or ``vqa``, ``okvqa``, ``vizwiz`` (:data:`VQA_TASKS`: the VQA accuracy and the fields
+            ``question`` and ``answer``).
         queries: the evaluated examples.
         support: the examples demonstrations are drawn from (the train split).
         template: demonstration and query templates.
@@ -126,6 +173,9 @@ class FewShotTask:
         image_size: side the images are resized to.
         batch_size: prompts per ``generate`` call.
         generation: ``generate`` options (beams, lengths, length penalty).
+        answer_postprocess: a VQA task's answer post-processing (default :func:`postprocess_vqa_answer`; OK-VQA:
+            :func:`~emu_lightning.eval.metrics.postprocess_okvqa_answer`).
+        answerability: a second prompt per query (:class:`AnswerabilityPrompt`), for a VQA task.
     """
 
     name: str
@@ -143,10 +193,19 @@ class FewShotTask:
     """A fitted :class:`~emu_lightning.eval.rices.RICES` over ``support``; built from ``rices_encoder`` if unset."""
     rices_encoder: Any = None
     """Image encoder for RICES (e.g. ``model.vision``), used when ``selection="rices"`` and no ``rices`` is given."""
+    answer_postprocess: Callable[[str], str] | None = None
+    answerability: AnswerabilityPrompt | None = None
+
+    @property
+    def kind(self) -> str:
+        """``captioning`` or ``vqa`` (every task of :data:`VQA_TASKS`)."""
+        return "captioning" if self.name == "captioning" else "vqa"
 
     def __post_init__(self) -> None:
-        if self.name not in ("captioning", "vqa"):
-            raise ValueError(f"task name {self.name!r} must be 'captioning' or 'vqa'")
+        if self.name != "captioning" and self.name not in VQA_TASKS:
+            raise ValueError(f"task name {self.name!r} must be 'captioning' or one of {list(VQA_TASKS)}")
+        if self.kind == "captioning" and (self.answer_postprocess is not None or self.answerability is not None):
+            raise ValueError("answer_postprocess and answerability are for VQA tasks, not captioning")
         if self.selection not in ("random", "rices"):
             raise ValueError(f"selection {self.selection!r} must be 'random' or 'rices'")
         if self.selection == "rices" and self.rices is None and self.rices_encoder is None:
@@ -178,7 +237,7 @@ class FewShotTask:
             bare = next((e.key for e in self.support if not e.references), None)
             if bare is not None:
                 raise ValueError(f"support example {bare} has no references to show as a demonstration's "
-                                 f"{'caption' if self.name == 'captioning' else 'answer'}")  # fmt: skip
+                                 f"{'caption' if self.kind == 'captioning' else 'answer'}")  # fmt: skip
         self.images = ImageCache(self.image_size)
         if self.selection == "rices" and self.rices is None:
             from emu_lightning.eval.rices import RICES
@@ -201,31 +260,40 @@ class FewShotTask:
         return rng.choice(len(self.support), size=k, replace=False).tolist()
 
     def _fields(self, example: EvalExample, answer: bool) -> dict[str, str]:
-        if self.name == "captioning":
+        if self.kind == "captioning":
             return {"caption": example.references[0] if answer else ""}
-        return {"question": example.question, "answer": _majority(example.references) if answer else ""}
+        majority = _majority(example.references) if answer else ""
+        unknown = self.answerability.unanswerable if self.answerability else UNANSWERABLE
+        return {"question": example.question, "answer": majority, "known": "no" if majority == unknown else "yes"}
 
     def prompt(self, query_index: int, shots: int, seed: int) -> list[Any] | None:
         """The interleaved prompt for one query, or ``None`` when an image does not load (a counted skip)."""
         return self._build(query_index, shots, seed)[1]
 
-    def _build(self, query_index: int, shots: int, seed: int) -> tuple[list[int], list[Any] | None, Path | None]:
+    def _build(
+        self, query_index: int, shots: int, seed: int, demos: list[int] | None = None, second: bool = False
+    ) -> tuple[list[int], list[Any] | None, Path | None]:
         """``(demonstrations, prompt, image that did not load)``: the support indices shown (in order), the
-        interleaved prompt (``None`` when an image does not load) and that image's path."""
+        interleaved prompt (``None`` when an image does not load) and that image's path. ``demos`` (default: drawn)
+        gives the demonstrations; ``second`` builds the :attr:`answerability` prompt instead of the first."""
         text_only = shots == 0 and self.zero_shot_text_demos > 0
-        demos = self.demonstrations(query_index, self.zero_shot_text_demos if text_only else shots, seed)
+        if demos is None:
+            demos = self.demonstrations(query_index, self.zero_shot_text_demos if text_only else shots, seed)
+        demo_template, query_template = self.template.demo, self.template.query
+        if second:
+            demo_template, query_template = self.answerability.demo, self.answerability.query
         items: list[Any] = [self.template.prefix] if self.template.prefix else []
         for d in demos:
             example = self.support[d]
             image = None if text_only else self.images(example.image_path)
             if image is None and not text_only:
                 return demos, None, example.image_path
-            items += render(self.template.demo, image, **self._fields(example, answer=True))
+            items += render(demo_template, image, **self._fields(example, answer=True))
         query = self.queries[query_index]
         image = self.images(query.image_path)
         if image is None:
             return demos, None, query.image_path
-        return demos, items + render(self.template.query, image, **self._fields(query, answer=False)), None
+        return demos, items + render(query_template, image, **self._fields(query, answer=False)), None
 
     # ------------------------------------------------------------------ running
     def runs(self) -> list[tuple[int, int]]:
@@ -240,20 +308,25 @@ class FewShotTask:
         """Per query key (for the queries at ``indices``, default: all): ``prompt`` (the text of the prompt,
         :func:`prompt_text`), ``demonstrations`` (the support indices shown, in order) and ``prediction`` (the
         post-processed generated text; ``None`` for a query skipped because an image does not load, with
-        ``skipped`` saying which)."""
+        ``skipped`` saying which).
+
+        With :attr:`answerability`, each query has a second prompt with the same demonstrations, generated in the
+        same batches: the sample also holds ``answerability_prompt``, ``answer`` (the post-processed reply to the
+        first prompt), ``answerability`` (the reply to the second, stripped) and ``answer_known`` (false when that
+        reply is "no", which makes the ``prediction`` ``unanswerable``; else the prediction is ``answer``)."""
         indices = range(len(self.queries)) if indices is None else indices
         out: dict[int, dict[str, Any]] = {}
-        pending: list[tuple[int, list[Any]]] = []
+        pending: list[tuple[int, str, list[Any]]] = []  # (query key, which reply, prompt)
         desc = f"{self.name} {shots}-shot seed {seed}"  # a line with the score follows (on_progress): not kept
         with progress_bar(total=len(indices), desc=desc, unit="query", leave=False) as bar:
             done = 0
 
             def generate() -> None:
-                texts = model.generate([p for _, p in pending], **self.generation)
+                texts = model.generate([p for _, _, p in pending], **self.generation)
                 if len(texts) != len(pending):
                     raise ValueError(f"generate returned {len(texts)} texts for {len(pending)} prompts")
-                for (key, _), text in zip(pending, texts):
-                    out[key]["prediction"] = self.postprocess(text)
+                for (key, slot, _), text in zip(pending, texts):
+                    out[key][slot] = self.postprocess(text) if slot != "answerability" else text.strip()
                 pending.clear()
 
             for n, i in enumerate(indices, 1):
@@ -261,17 +334,28 @@ class FewShotTask:
                 key = self.queries[i].key
                 out[key] = {"prompt": None if prompt is None else prompt_text(prompt), "demonstrations": demos,
                             "prediction": None}  # fmt: skip
+                second = None
+                if prompt is not None and self.answerability is not None:
+                    second = self._build(i, shots, seed, demos=demos, second=True)[1]
+                    out[key]["answerability_prompt"] = prompt_text(second)
                 if prompt is None:
                     out[key]["skipped"] = f"image {str(failed)!r} does not load"
                     continue
-                pending.append((key, prompt))
-                if len(pending) == self.batch_size:  # the same batches as generating every prompt at the end
-                    generate()
-                    bar.update(n - done)
-                    done = n
+                slots = [("prediction", prompt)] if second is None else [("answer", prompt), ("answerability", second)]
+                for slot, items in slots:
+                    pending.append((key, slot, items))
+                    if len(pending) == self.batch_size:  # the same batches as generating every prompt at the end
+                        generate()
+                        bar.update(n - done)
+                        done = n
             if pending:
                 generate()
             bar.update(len(indices) - done)
+        check = self.answerability
+        for sample in out.values() if check is not None else ():
+            if "answer" in sample:
+                sample["answer_known"] = known = not check.says_unknown(sample["answerability"])
+                sample["prediction"] = sample["answer"] if known else check.unanswerable
         return out
 
     def predict(self, model: Any, shots: int, seed: int, indices: Sequence[int] | None = None) -> dict[int, str]:
@@ -281,9 +365,9 @@ class FewShotTask:
         return {k: s["prediction"] for k, s in samples.items() if s["prediction"] is not None}
 
     def postprocess(self, text: str) -> str:
-        if self.name == "captioning":
+        if self.kind == "captioning":
             return caption_postprocess(text)
-        return postprocess_vqa_answer(text)
+        return (self.answer_postprocess or postprocess_vqa_answer)(text)
 
     def score_samples(self, predictions: dict[int, str]) -> tuple[float, dict[int, float]]:
         """The score and each prediction's: CIDEr-D x100 and each image's CIDEr-D x100 (captioning; the corpus score
@@ -296,7 +380,7 @@ class FewShotTask:
             raise ValueError(f"predictions for unknown ids {unknown[:5]}")
         if not predictions:
             raise ValueError("nothing to score: every query was skipped")
-        if self.name == "captioning":
+        if self.kind == "captioning":
             result = cider_score(predictions, refs)
             return result.score, result.per_image
         per_sample = {k: 100.0 * vqa_accuracy(predictions[k], refs[k]) for k in predictions}
@@ -318,11 +402,13 @@ class FewShotTask:
         seeds, ``per_seed`` (the score of each seed, in the order of ``seeds``), ``seeds`` and ``num_evaluated``.
 
         Each pair records one sample per query, in query order: ``shots``, ``seed``, ``key`` (the query id),
-        ``image_id``, ``question`` (VQA only), ``prompt`` (:func:`prompt_text`; ``None`` for a skipped query),
+        ``image_id``, the query's ``extra`` fields (VizWiz: ``image``, ``answerable``, ``answer_type``), ``question``
+        (VQA only), ``prompt`` (:func:`prompt_text`; ``None`` for a skipped query),
         ``demonstrations`` (``[{"key", "image_id"}, ...]`` of the support examples, in the order shown),
         ``prediction`` (``None`` when skipped, with ``skipped`` saying why), ``references`` and ``score`` (the
         prediction's CIDEr-D x100 or VQA accuracy x100; ``None`` when skipped or not scored). The mean of the
-        scores of a pair is that pair's score.
+        scores of a pair is that pair's score. With :attr:`answerability`, the fields of the second prompt
+        (:meth:`predict_samples`) follow ``prompt``.
 
         Queries without references (every one of them: a test split such as VQAv2 test-dev) are predicted and
         not scored: ``scored`` is false and each number of shots has ``num_evaluated`` without a mean.
@@ -384,12 +470,16 @@ class FewShotTask:
     def _record(
         self, query: EvalExample, shots: int, seed: int, sample: dict[str, Any], score: float | None
     ) -> dict[str, Any]:
-        record: dict[str, Any] = {"shots": shots, "seed": seed, "key": query.key, "image_id": query.image_id}
-        if self.name == "vqa":
+        record: dict[str, Any] = {"shots": shots, "seed": seed, "key": query.key, "image_id": query.image_id,
+                                  **query.extra}  # fmt: skip
+        if self.kind == "vqa":
             record["question"] = query.question
         demos = [{"key": self.support[d].key, "image_id": self.support[d].image_id} for d in sample["demonstrations"]]
-        record.update(prompt=sample["prompt"], demonstrations=demos, prediction=sample["prediction"],
-                      references=list(query.references), score=score)  # fmt: skip
+        record.update(prompt=sample["prompt"], demonstrations=demos)
+        for name in ("answerability_prompt", "answer", "answerability", "answer_known"):
+            if name in sample:
+                record[name] = sample[name]
+        record.update(prediction=sample["prediction"], references=list(query.references), score=score)
         if "skipped" in sample:
             record["skipped"] = sample["skipped"]
         return record

@@ -11,9 +11,12 @@ chunk of options (:meth:`OptionScorer.score`). :meth:`OptionScorer.score_naive` 
 prompt included (the released code's one option per segment), and is the reference the cached scores are tested
 against.
 
-A callback evaluates with :func:`evaluate_visdial` (a model, the rounds of
-:func:`~emu_lightning.data.visdial.read_visdial`, batch sizes) and gets the metrics and one record per round;
-under DDP each rank evaluates its share and :func:`metrics_from_records` scores the union of the records.
+:func:`evaluate_visdial` (a model, the rounds of :func:`~emu_lightning.data.visdial.read_visdial`, batch sizes)
+returns the metrics and one record per round; the callback
+(:class:`~emu_lightning.eval.visdial_callback.VisDialEval`) has each DDP rank rank its share with
+:func:`rank_rounds` and scores the union of the records with :func:`metrics_from_records`, beside the chance levels
+of a random ranking (:func:`chance_metrics`). :meth:`EmuModel.score_options
+<emu_lightning.inference.EmuInference.score_options>` scores options after any prompt.
 """
 
 from __future__ import annotations
@@ -140,6 +143,32 @@ def metrics_from_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     dense = [r["ndcg"] for r in ranked if r.get("ndcg") is not None and not math.isnan(r["ndcg"])]
     metrics.update(ndcg=sum(dense) / len(dense) if dense else None, num_ranked=len(ranked), num_ndcg=len(dense))
     return metrics
+
+
+def chance_metrics(rounds: Sequence[VisDialRound]) -> dict[str, Any]:
+    """The expected metrics of a uniformly random ranking of each round's options (exact, not sampled), to read a
+    score against: with N options, R@k = k / N, MRR = (1 + 1/2 + ... + 1/N) / N, mean rank = (N + 1) / 2 (for
+    N = 100: 0.01, 0.05, 0.10, 0.0519 and 50.5), averaged over ``rounds``; ``ndcg`` over the rounds with a dense
+    annotation that has a relevant option: each option of a random ranking is any option with the same chance, so a
+    round's expected NDCG is its mean relevance times the discounts of its top k over the ideal DCG (k / N when k
+    options have relevance 1 and the others 0); ``None`` without such rounds."""
+    if not rounds:
+        raise ValueError("no VisDial rounds")
+    sizes = torch.tensor([len(r.options) for r in rounds], dtype=torch.float64)
+    harmonic_of = {n: sum(1.0 / i for i in range(1, n + 1)) for n in {len(r.options) for r in rounds}}
+    harmonic = torch.tensor([harmonic_of[len(r.options)] for r in rounds], dtype=torch.float64)
+    out: dict[str, Any] = {f"r@{k}": float((sizes.clamp(max=k) / sizes).mean()) for k in (1, 5, 10)}
+    out.update(mrr=float((harmonic / sizes).mean()), mean_rank=float(((sizes + 1) / 2).mean()))
+    expected = []
+    for r in rounds:
+        rel = torch.as_tensor(r.relevance if r.relevance is not None else (), dtype=torch.float64)
+        k = int((rel != 0).sum())
+        if k:
+            discounts = 1 / torch.log2(torch.arange(k, dtype=torch.float64) + 2)
+            ideal = (torch.sort(rel, descending=True).values[:k] * discounts).sum()
+            expected.append(float(rel.mean() * discounts.sum() / ideal))
+    out["ndcg"] = sum(expected) / len(expected) if expected else None
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------- scoring
@@ -359,12 +388,48 @@ def evaluate_visdial(
         on_record: called with each round's record as soon as it is ranked (a progress bar, a file).
 
     Returns:
-        ``metrics`` (:func:`metrics_from_records`), ``records`` (one per round, in order: ``image_id``, ``round_id``,
-        ``question``, ``gt_index``, ``gt_rank``, ``top_option`` (the index ranked first), ``top_answer``, ``ndcg``
-        (``None`` without a dense annotation), optionally ``scores`` and ``ranks``; a round whose image does not load
-        has ``gt_rank`` ``None`` and ``skipped`` saying why), ``num_rounds``, ``skipped_rounds``, ``skipped_images``
-        (distinct files) and ``reduction``.
+        ``metrics`` (:func:`metrics_from_records`), ``records`` (:func:`rank_rounds`), ``num_rounds``,
+        ``skipped_rounds``, ``skipped_images`` (distinct files) and ``reduction``.
+
+    Raises:
+        ValueError: no round to evaluate, an unknown ``reduction``, a prompt too long for the language model, or
+            no image that loads.
     """
+    records = rank_rounds(model, rounds, template, option_batch_size, reduction, image_size, naive, keep_scores,
+                          keep_ranks, on_record)  # fmt: skip
+    skipped = [r for r in records if r["gt_rank"] is None]
+    if len(skipped) == len(records):
+        files = len({r["image_id"] for r in skipped})
+        raise ValueError(f"no VisDial round could be evaluated: the images of all {len(records)} rounds failed to "
+                         f"load ({files} file(s))")  # fmt: skip
+    return {
+        "metrics": metrics_from_records(records),
+        "records": records,
+        "num_rounds": len(records),
+        "skipped_rounds": len(skipped),
+        "skipped_images": len({r["image_id"] for r in skipped}),  # one dialog, so one file, per image
+        "reduction": reduction,
+    }
+
+
+def rank_rounds(
+    model: Any,
+    rounds: Sequence[VisDialRound],
+    template: DialogTemplate = EMU_I_TEMPLATE,
+    option_batch_size: int = 100,
+    reduction: str = "sequence_mean",
+    image_size: int | None = None,
+    naive: bool = False,
+    keep_scores: bool = False,
+    keep_ranks: bool = False,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per round, in order (the arguments are :func:`evaluate_visdial`'s): ``image_id``, ``round_id``,
+    ``question``, ``answer`` (the true one), ``gt_index``, ``gt_rank``, ``top_option`` (the index ranked first),
+    ``top_answer``, ``ndcg`` (``None`` without a dense annotation), optionally ``scores`` and ``ranks``. A round
+    whose image does not load has ``gt_rank`` ``None`` and ``skipped`` saying why (a warning names the file); that
+    every round of a call is skipped is not an error here (under DDP a rank's share may be), as it is for
+    :func:`evaluate_visdial`."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r} must be one of {list(REDUCTIONS)}")
     if not rounds:
@@ -376,7 +441,7 @@ def evaluate_visdial(
     records: list[dict[str, Any]] = []
     for r in rounds:
         record: dict[str, Any] = {"image_id": r.image_id, "round_id": r.round_id, "question": r.question,
-                                  "gt_index": r.gt_index}  # fmt: skip
+                                  "answer": r.answer, "gt_index": r.gt_index}  # fmt: skip
         if loaded[0] != r.image_path:
             loaded = (r.image_path, None if r.image_path in failed else load_image(r.image_path, size))
             if loaded[1] is None:
@@ -402,14 +467,4 @@ def evaluate_visdial(
         records.append(record)
         if on_record is not None:
             on_record(record)
-    skipped = sum(r["gt_rank"] is None for r in records)
-    if skipped == len(records):
-        raise ValueError(f"no VisDial round could be evaluated: all {len(records)} images failed to load")
-    return {
-        "metrics": metrics_from_records(records),
-        "records": records,
-        "num_rounds": len(records),
-        "skipped_rounds": skipped,
-        "skipped_images": len(failed),
-        "reduction": reduction,
-    }
+    return records

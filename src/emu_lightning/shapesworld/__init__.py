@@ -16,9 +16,12 @@ and evaluate on it without downloads. The library itself never imports it: confi
 from transformers import PreTrainedTokenizerFast
 
 from emu_lightning.shapesworld.datamodule import ShapesWorldDataModule, ShapesWorldPairs
+from emu_lightning.shapesworld.dialog import ShapesWorldVisDialEval
 from emu_lightning.shapesworld.eval import (
     ShapesWorldCaptioningEval,
+    ShapesWorldOKVQAEval,
     ShapesWorldTextToImageEval,
+    ShapesWorldVizWizEval,
     ShapesWorldVQAEval,
     find_world,
 )
@@ -53,7 +56,10 @@ __all__ = [
     "ShapesWorldCaptioningEval",
     "ShapesWorldDataModule",
     "ShapesWorldPairs",
+    "ShapesWorldOKVQAEval",
     "ShapesWorldTextToImageEval",
+    "ShapesWorldVisDialEval",
+    "ShapesWorldVizWizEval",
     "ShapesWorldVQAEval",
     "ShapesWorldWriter",
     "corpus",

@@ -1,5 +1,6 @@
-"""The evaluation callbacks on ShapesWorld sets: each writes its set in the real format (COCO Karpathy, VQAv2) into
-the run folder and evaluates it through the same readers as real files; text-to-image adds the attribute accuracy.
+"""The evaluation callbacks on ShapesWorld sets: each writes its set in the real format (COCO Karpathy, VQAv2, OK-VQA,
+VizWiz) into the run folder and evaluates it through the same readers as real files; text-to-image adds the attribute
+accuracy.
 
 The world is the training data's (:func:`find_world`), so held-out scenes come from the same distribution and
 image size; without ShapesWorld training data, one at the model's image size.
@@ -14,11 +15,16 @@ from typing import Any
 import lightning as L
 import torch
 
-from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
+from emu_lightning.eval.callbacks import CaptioningEval, OKVQAEval, TextToImageEval, VizWizEval, VQAEval
 from emu_lightning.shapesworld.metrics import shapes_attribute_accuracy_batch
 from emu_lightning.shapesworld.owned import write_once
 from emu_lightning.shapesworld.world import ShapesWorld
-from emu_lightning.shapesworld.writers import ShapesWorldWriter
+from emu_lightning.shapesworld.writers import (
+    UNANSWERABLE_SHARE,
+    ShapesWorldWriter,
+    write_shapesworld_okvqa,
+    write_shapesworld_vizwiz,
+)
 
 
 def find_world(datamodule: Any, image_size: int | None = None) -> ShapesWorld | None:
@@ -103,6 +109,74 @@ class ShapesWorldVQAEval(VQAEval):
                       for split, n in sizes.items())  # fmt: skip
         self.query_files = (val["questions"], val["annotations"], val["images"], val["image_template"])
         self.support_files = (train["questions"], train["annotations"], train["images"], train["image_template"])
+        return super().examples(trainer, pl_module, root)
+
+
+class ShapesWorldOKVQAEval(OKVQAEval):
+    """:class:`~emu_lightning.eval.callbacks.OKVQAEval` on ShapesWorld questions written in OK-VQA's files
+    (:func:`~emu_lightning.shapesworld.writers.write_shapesworld_okvqa`: its file names, ``raw_answer`` and stemmed
+    ``answer``, COCO-style image names) and read back through the VQAv2 reader, scored with OK-VQA's stemmed answers.
+
+    An honest analogue of the format and the plumbing only: ShapesWorld's questions (colours, shapes, counts) need
+    no outside knowledge, which is what OK-VQA measures.
+
+    Args:
+        support: training images (6 questions each) written for demonstrations.
+        kwargs: the schedule and prompt options of :class:`~emu_lightning.eval.callbacks.FewShotEval`.
+    """
+
+    writes_own_data = True
+
+    def __init__(self, support: int = 50, **kwargs: Any) -> None:
+        _no_files(self, kwargs, ("questions_json", "annotations_json", "image_root", "support_questions_json",
+                                 "support_annotations_json", "support_image_root"))  # fmt: skip
+        super().__init__(**kwargs)
+        self.support = support
+
+    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
+        world = _world(trainer, pl_module)
+        sizes = {"val": max(1, (self.num_queries or 100) // 6 + 1), "train": self.support}
+        val, train = (write_once(root / "okvqa", f"okvqa-{split}", {**vars(world), "images": n},
+                                 functools.partial(write_shapesworld_okvqa, world, root / "okvqa", split, n))
+                      for split, n in sizes.items())  # fmt: skip
+        self.query_files = (val["questions"], val["annotations"], val["images"], val["image_template"])
+        self.support_files = (train["questions"], train["annotations"], train["images"], train["image_template"])
+        return super().examples(trainer, pl_module, root)
+
+
+class ShapesWorldVizWizEval(VizWizEval):
+    """:class:`~emu_lightning.eval.callbacks.VizWizEval` on ShapesWorld questions written in VizWiz's format (one
+    question per image, :func:`~emu_lightning.shapesworld.writers.write_shapesworld_vizwiz`) and read back through
+    the VizWiz reader. About ``unanswerable_share`` of them ask about a shape that is not in the scene (an empty cell,
+    or a kind of shape it lacks): their 10 answers are "unanswerable" and ``answerable`` is 0.
+
+    Always answering "unanswerable" scores the share of such questions among the evaluated ones (x100; the others
+    never have "unanswerable" among their answers): the chance level of that answer. ShapesWorld training data has
+    no unanswerable questions, so a model trained only on it has never seen the answer.
+
+    Args:
+        support: training questions written for demonstrations.
+        unanswerable_share: share of unanswerable questions written, in both splits.
+        kwargs: the protocol, schedule and prompt options of :class:`~emu_lightning.eval.callbacks.VizWizEval`.
+    """
+
+    writes_own_data = True
+
+    def __init__(self, support: int = 50, unanswerable_share: float = UNANSWERABLE_SHARE, **kwargs: Any) -> None:
+        _no_files(self, kwargs, ("annotations_json", "image_root", "support_annotations_json", "support_image_root"))
+        if not 0.0 <= unanswerable_share <= 1.0:
+            raise ValueError(f"unanswerable_share {unanswerable_share} must be in [0, 1]")
+        super().__init__(**kwargs)
+        self.support, self.unanswerable_share = support, unanswerable_share
+
+    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
+        world, share = _world(trainer, pl_module), self.unanswerable_share
+        sizes = {"val": self.num_queries or 100, "train": self.support}
+        val, train = (write_once(root / "vizwiz", f"vizwiz-{split}", {**vars(world), "questions": n, "share": share},
+                                 functools.partial(write_shapesworld_vizwiz, world, root / "vizwiz", split, n, share))
+                      for split, n in sizes.items())  # fmt: skip
+        self.query_files = (val["annotations"], val["images"])
+        self.support_files = (train["annotations"], train["images"])
         return super().examples(trainer, pl_module, root)
 
 

@@ -3,8 +3,9 @@ through the same readers as real data.
 
 One function per format writes a split of ShapesWorld where a reader expects it: img2dataset webdataset pairs
 (:func:`write_shapesworld_pairs`), MMC4 documents (:func:`write_shapesworld_mmc4`), WebVid clips
-(:func:`write_shapesworld_webvid`), storyboards with subtitles (:func:`write_shapesworld_storyboard`) and LLaVA
-dialogues (:func:`write_shapesworld_llava`). :class:`ShapesWorldWriter` picks the one that matches a reader and
+(:func:`write_shapesworld_webvid`), storyboards with subtitles (:func:`write_shapesworld_storyboard`), LLaVA
+dialogues (:func:`write_shapesworld_llava`), and for evaluation OK-VQA (:func:`write_shapesworld_okvqa`) and VizWiz
+(:func:`write_shapesworld_vizwiz`) question sets. :class:`ShapesWorldWriter` picks the one that matches a reader and
 writes to the reader's own paths, once (a configured ``writer`` of a
 :class:`~emu_lightning.data.StreamingDataModule`).
 """
@@ -33,10 +34,11 @@ from emu_lightning.data.modules import DataWriter
 from emu_lightning.data.pairs import PIL_FORMATS, ImageTextShards, encode_image
 from emu_lightning.data.storyboard import Cue, StoryboardVideos, write_vtt
 from emu_lightning.data.streaming import StreamingSource, expand_urls
+from emu_lightning.data.vqa import UNANSWERABLE
 from emu_lightning.data.webvid import WebVidVideos, format_duration, write_mp4
 from emu_lightning.progress import progress_bar
 from emu_lightning.shapesworld.owned import write_once
-from emu_lightning.shapesworld.world import BACKGROUND, COLOURS, ShapesWorld
+from emu_lightning.shapesworld.world import BACKGROUND, CELL_NAMES, COLOURS, SHAPES, ShapesWorld
 
 
 # ---------------------------------------------------------------------------------------------- img2dataset pairs
@@ -401,6 +403,106 @@ def write_shapesworld_llava(
     path = root / f"llava_{split}.json"
     path.write_text(json.dumps(entries, indent=1))
     return path
+
+
+# ---------------------------------------------------------------------------------------------- OK-VQA and VizWiz
+def write_shapesworld_okvqa(world: ShapesWorld, root: str | Path, split: str = "val", num_images: int = 100) -> dict:
+    """Write ShapesWorld questions (:meth:`ShapesWorld.questions`, six per image) in OK-VQA's layout:
+    ``{root}/OpenEnded_mscoco_{split}2014_questions.json``, ``{root}/mscoco_{split}2014_annotations.json`` and the
+    images as ``{root}/{split}2014/COCO_{split}2014_{image_id:012d}.png``. Each answer has OK-VQA v1.1's
+    ``raw_answer`` and its stemmed ``answer`` (:func:`~emu_lightning.eval.metrics.okvqa_stem`; ShapesWorld's answers
+    stem to themselves). Returns the paths and the ``image_template``, as :meth:`ShapesWorld.write_vqav2` does.
+
+    The questions need no outside knowledge: the set tests OK-VQA's files and scoring, not what OK-VQA measures."""
+    from emu_lightning.eval.metrics import okvqa_stem
+
+    root, subtype = Path(root), f"{split}2014"
+    (root / subtype).mkdir(parents=True, exist_ok=True)
+    template = f"COCO_{subtype}_{{image_id:012d}}.png"  # PNG: no JPEG colour shifts
+    questions, annotations = [], []
+    for index in progress_bar(range(num_images), desc=f"ShapesWorld OK-VQA ({split})", unit="image"):
+        image_id = world.image_id(split, index)
+        png = encode_image(world.image(split, index), "png")
+        (root / subtype / template.format(image_id=image_id)).write_bytes(png)
+        for qa in world.questions(split, index):
+            questions.append({"image_id": image_id, "question": qa.question, "question_id": qa.question_id})
+            answers = [{"answer_id": k + 1, "raw_answer": a, "answer_confidence": "yes", "answer": okvqa_stem(a)}
+                       for k, a in enumerate(qa.answers)]  # fmt: skip
+            annotations.append({"image_id": image_id, "answer_type": "other", "question_type": "other",
+                                "question_id": qa.question_id, "answers": answers, "confidence": 3})  # fmt: skip
+    common = {"data_type": "mscoco", "data_subtype": subtype, "license": {"name": "ShapesWorld (synthetic)"}}
+    paths = {"questions": root / f"OpenEnded_mscoco_{subtype}_questions.json",
+             "annotations": root / f"mscoco_{subtype}_annotations.json", "images": root / subtype,
+             "image_template": template}  # fmt: skip
+    paths["questions"].write_text(json.dumps({**common, "task_type": "Open-Ended", "questions": questions}))
+    paths["annotations"].write_text(json.dumps({**common, "annotations": annotations}))
+    return paths
+
+
+VIZWIZ_STREAM = 13
+"""The :meth:`ShapesWorld.rng` stream of a VizWiz entry's question."""
+UNANSWERABLE_SHARE = 0.25
+"""Default share of ShapesWorld's VizWiz questions that cannot be answered (VizWiz val: about 28%)."""
+
+
+def _unanswerable_questions(world: ShapesWorld, scene: Any) -> list[str]:
+    """Questions whose premise the scene does not satisfy: about an empty cell, or a kind of shape it lacks."""
+    empty = [CELL_NAMES[world.grid][c] for c in range(world.grid * world.grid)
+             if c not in {s.cell for s in scene.shapes}]  # fmt: skip
+    absent = [k for k in SHAPES if k not in {s.shape for s in scene.shapes}]
+    return ([f"what colour is the shape in the {p}?" for p in empty] + [f"what shape is in the {p}?" for p in empty]
+            + [f"what colour is the {k}?" for k in absent])  # fmt: skip
+
+
+def shapesworld_vizwiz_entry(
+    world: ShapesWorld, split: str, index: int, unanswerable_share: float = UNANSWERABLE_SHARE, answers: bool = True
+) -> dict[str, Any]:
+    """Entry ``index`` of ``split`` in VizWiz's format, about scene ``index``: image ``VizWiz_{split}_{index:08d}.png``.
+
+    With probability ``unanswerable_share`` (when the scene allows one) the question asks about a shape that is not
+    there (an empty cell, or a kind of shape the scene lacks): its 10 answers are ``"unanswerable"``, ``answerable``
+    0 and ``answer_type`` ``"unanswerable"``, as VizWiz writes such questions. Otherwise it is one of the scene's
+    :meth:`ShapesWorld.questions`, with its annotators' answers, ``answerable`` 1 and its answer type. Without
+    ``answers`` (a test split) only ``image`` and ``question`` are written."""
+    rng = world.rng(split, index, stream=VIZWIZ_STREAM)
+    scene = world.scene(split, index)
+    entry: dict[str, Any] = {"image": f"VizWiz_{split}_{index:08d}.png"}
+    impossible = _unanswerable_questions(world, scene)
+    if rng.random() < unanswerable_share and impossible:
+        entry["question"] = _pick(rng, impossible)
+        given, answerable, answer_type = [UNANSWERABLE] * 10, 0, UNANSWERABLE
+    else:
+        qa = _pick(rng, world.questions(split, index))
+        entry["question"], given, answerable, answer_type = qa.question, list(qa.answers), 1, qa.answer_type
+    if answers:
+        entry.update(answers=[{"answer": a, "answer_confidence": "yes"} for a in given], answerable=answerable,
+                     answer_type=answer_type)  # fmt: skip
+    return entry
+
+
+def write_shapesworld_vizwiz(
+    world: ShapesWorld,
+    root: str | Path,
+    split: str = "val",
+    num_questions: int = 100,
+    unanswerable_share: float = UNANSWERABLE_SHARE,
+    answers: bool = True,
+) -> dict[str, Path]:
+    """Write ``num_questions`` ShapesWorld entries (:func:`shapesworld_vizwiz_entry`) in VizWiz's layout:
+    ``{root}/annotations/{split}.json`` and the images in ``{root}/{split}/``. Returns ``{"annotations", "images"}``."""
+    if not 0.0 <= unanswerable_share <= 1.0:
+        raise ValueError(f"unanswerable_share {unanswerable_share} must be in [0, 1]")
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index in progress_bar(range(num_questions), desc=f"ShapesWorld VizWiz ({split})", unit="question"):
+        entry = shapesworld_vizwiz_entry(world, split, index, unanswerable_share, answers)
+        (root / split / entry["image"]).write_bytes(encode_image(world.image(split, index), "png"))
+        entries.append(entry)
+    paths = {"annotations": root / "annotations" / f"{split}.json", "images": root / split}
+    paths["annotations"].write_text(json.dumps(entries))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------- the writer
