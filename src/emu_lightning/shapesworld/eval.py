@@ -52,7 +52,7 @@ def _no_files(callback: Any, kwargs: dict[str, Any], names: tuple[str, ...]) -> 
     """A ShapesWorld evaluation writes its own set: data files given to it would be silently ignored."""
     given = [n for n in names if kwargs.get(n) is not None]
     if given:
-        base = type(callback).__mro__[1].__name__
+        base = next(c.__name__ for c in type(callback).__mro__[1:] if not c.__name__.startswith("ShapesWorld"))
         raise ValueError(f"{type(callback).__name__} writes its own ShapesWorld set; for your files {given} use {base}")
 
 
@@ -94,6 +94,8 @@ class ShapesWorldVQAEval(VQAEval):
     """
 
     writes_own_data = True
+    folder = "vqa"
+    """The folder under the run's ``eval_data`` the sets are written to (and the name of their write-once marker)."""
 
     def __init__(self, support: int = 50, **kwargs: Any) -> None:
         _no_files(self, kwargs, ("questions_json", "annotations_json", "image_root", "support_questions_json",
@@ -101,18 +103,23 @@ class ShapesWorldVQAEval(VQAEval):
         super().__init__(**kwargs)
         self.support = support
 
+    def write(self, world: ShapesWorld, root: Path, split: str, images: int) -> dict[str, Any]:
+        """Write ``split``'s questions about ``images`` scenes under ``root``; the files, as ``write_vqav2`` gives."""
+        return world.write_vqav2(root, split, images)
+
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
         world = _world(trainer, pl_module)
+        folder = root / self.folder
         sizes = {"val": max(1, (self.num_queries or 100) // 6 + 1), "train": self.support}
-        val, train = (write_once(root / "vqa", f"vqa-{split}", {**vars(world), "images": n},
-                                 functools.partial(world.write_vqav2, root / "vqa", split, n))
+        val, train = (write_once(folder, f"{self.folder}-{split}", {**vars(world), "images": n},
+                                 functools.partial(self.write, world, folder, split, n))
                       for split, n in sizes.items())  # fmt: skip
         self.query_files = (val["questions"], val["annotations"], val["images"], val["image_template"])
         self.support_files = (train["questions"], train["annotations"], train["images"], train["image_template"])
         return super().examples(trainer, pl_module, root)
 
 
-class ShapesWorldOKVQAEval(OKVQAEval):
+class ShapesWorldOKVQAEval(ShapesWorldVQAEval, OKVQAEval):
     """:class:`~emu_lightning.eval.callbacks.OKVQAEval` on ShapesWorld questions written in OK-VQA's files
     (:func:`~emu_lightning.shapesworld.writers.write_shapesworld_okvqa`: its file names, ``raw_answer`` and stemmed
     ``answer``, COCO-style image names) and read back through the VQAv2 reader, scored with OK-VQA's stemmed answers.
@@ -125,23 +132,10 @@ class ShapesWorldOKVQAEval(OKVQAEval):
         kwargs: the schedule and prompt options of :class:`~emu_lightning.eval.callbacks.FewShotEval`.
     """
 
-    writes_own_data = True
+    folder = "okvqa"
 
-    def __init__(self, support: int = 50, **kwargs: Any) -> None:
-        _no_files(self, kwargs, ("questions_json", "annotations_json", "image_root", "support_questions_json",
-                                 "support_annotations_json", "support_image_root"))  # fmt: skip
-        super().__init__(**kwargs)
-        self.support = support
-
-    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
-        world = _world(trainer, pl_module)
-        sizes = {"val": max(1, (self.num_queries or 100) // 6 + 1), "train": self.support}
-        val, train = (write_once(root / "okvqa", f"okvqa-{split}", {**vars(world), "images": n},
-                                 functools.partial(write_shapesworld_okvqa, world, root / "okvqa", split, n))
-                      for split, n in sizes.items())  # fmt: skip
-        self.query_files = (val["questions"], val["annotations"], val["images"], val["image_template"])
-        self.support_files = (train["questions"], train["annotations"], train["images"], train["image_template"])
-        return super().examples(trainer, pl_module, root)
+    def write(self, world: ShapesWorld, root: Path, split: str, images: int) -> dict[str, Any]:
+        return write_shapesworld_okvqa(world, root, split, images)
 
 
 class ShapesWorldVizWizEval(VizWizEval):
