@@ -2,7 +2,9 @@
 
 import io
 import tarfile
+import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +14,8 @@ from torch.utils.data import DataLoader
 from webdataset import TarWriter
 
 from emu_lightning.data import StreamingDataModule
-from emu_lightning.data.pairs import ImageTextShards, decode_image, shard_pattern
-from emu_lightning.data.streaming import DataSourceError, add_skips, batch_skips
+from emu_lightning.data.pairs import ImageTextShards, decode_image, opened, shard_pattern, tar_records
+from emu_lightning.data.streaming import DataSourceError, Skip, add_skips, batch_skips
 from emu_lightning.sequence import to_unit_range
 from emu_lightning.shapesworld.world import ShapesWorld
 from emu_lightning.shapesworld.writers import shapesworld_caption, shapesworld_pair_record, write_shapesworld_pairs
@@ -150,6 +152,19 @@ def test_a_failing_pipe_command_is_damage_but_an_early_stop_is_quiet(shards):
     stream = iter(failing)
     next(stream)
     stream.close()  # the command exits 2 once its reader is gone: that is no error
+
+
+def test_a_pipe_command_that_failed_before_the_first_read_still_gives_its_bytes_then_fails(shards):
+    _, paths = shards
+    size = Path(paths[0]).stat().st_size
+    read = []
+    with pytest.raises(OSError, match="exit 2"):  # on close: the command failed
+        with opened(f"pipe:cat {paths[0]}; exit 2") as stream:
+            time.sleep(0.5)  # the command has exited (status 2) before anything is read
+            read.append(len(stream.read()))  # webdataset alone raises here and drops the bytes
+    assert read == [size]
+    records = list(tar_records(f"pipe:cat {paths[0]}; exit 2", "unreadable_shard"))
+    assert isinstance(records[-1], Skip) and len(records) > 1  # the samples before the failure, then the skip
 
 
 def _png_bytes():

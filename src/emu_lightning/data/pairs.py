@@ -28,7 +28,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 from PIL import Image
 from torch import Tensor
-from webdataset.gopen import gopen
+from webdataset.gopen import Pipe, gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from emu_lightning.data.streaming import Skip, StreamingSource, expand_urls, shuffled
@@ -54,6 +54,10 @@ def opened(url: str) -> Iterator[IO[bytes]]:
     raises here; a read that stops early (damage, or a consumer that is done) closes the stream quietly, as
     its command may then exit with an error that means nothing."""
     stream = gopen(url)
+    if isinstance(stream, Pipe):
+        # webdataset polls the command at every read and raises as soon as it has failed, dropping the bytes that
+        # read returned: a fast command (`cat x; exit 2`) then fails before any sample. Check once, on close.
+        stream.check_status = lambda: None
     try:
         yield stream
     except BaseException:
