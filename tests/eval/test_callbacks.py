@@ -12,7 +12,9 @@ import torch
 from conftest import make_model
 from eval_fakes import VQA_ANSWERS, Guesser
 
-from emu_lightning.eval.callbacks import CaptioningEval, OKVQAEval, TextToImageEval, VizWizEval, VQAEval
+from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
+from emu_lightning.eval.okvqa import OKVQAEval
+from emu_lightning.eval.vizwiz import VizWizEval
 from emu_lightning.shapesworld import (
     ShapesWorldCaptioningEval,
     ShapesWorldDataModule,

@@ -16,12 +16,11 @@ from emu_lightning.eval.metrics import (
     load_stats,
     make_fid,
     normalize_vqa_answer,
-    okvqa_stem,
-    postprocess_okvqa_answer,
     postprocess_vqa_answer,
     save_stats,
     vqa_accuracy,
 )
+from emu_lightning.eval.okvqa import okvqa_stem, postprocess_okvqa_answer
 from emu_lightning.shapesworld.metrics import shapes_attribute_accuracy, shapes_attribute_accuracy_batch
 from emu_lightning.shapesworld.world import ShapesWorld
 

@@ -14,17 +14,17 @@ from conftest import make_model
 from eval_fakes import VQA_ANSWERS, Guesser
 
 from emu_lightning.data.vqa import read_vizwiz
-from emu_lightning.eval.callbacks import (
+from emu_lightning.eval.metrics import vqa_accuracy
+from emu_lightning.eval.okvqa import OKVQAEval
+from emu_lightning.eval.tasks import EMU_I_SYSTEM, AnswerabilityPrompt, FewShotTask, PromptTemplate, from_vizwiz
+from emu_lightning.eval.tasks import prompt_text as as_text
+from emu_lightning.eval.vizwiz import (
     EMU_I_VIZWIZ_ANSWERABILITY,
     EMU_I_VIZWIZ_ANSWERABILITY_DEMO,
     EMU_I_VIZWIZ_DEMO,
     EMU_I_VIZWIZ_QUERY,
-    OKVQAEval,
     VizWizEval,
 )
-from emu_lightning.eval.metrics import vqa_accuracy
-from emu_lightning.eval.tasks import EMU_I_SYSTEM, AnswerabilityPrompt, FewShotTask, PromptTemplate, from_vizwiz
-from emu_lightning.eval.tasks import prompt_text as as_text
 from emu_lightning.shapesworld import ShapesWorldDataModule, ShapesWorldOKVQAEval, ShapesWorldVizWizEval
 from emu_lightning.shapesworld.world import ShapesWorld
 from emu_lightning.shapesworld.writers import write_shapesworld_vizwiz

@@ -28,7 +28,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from emu_lightning.data.coco import load_image, read_karpathy
-from emu_lightning.data.vqa import read_vizwiz, read_vqa
+from emu_lightning.data.vqa import read_vqa
 from emu_lightning.distributed import gather_dicts, rank_zero_first
 from emu_lightning.eval.metrics import (
     cached_feature_stats,
@@ -36,15 +36,11 @@ from emu_lightning.eval.metrics import (
     feature_stats,
     frechet_distance_from_stats,
     make_fid,
-    postprocess_okvqa_answer,
 )
 from emu_lightning.eval.tasks import (
-    EMU_I_SYSTEM,
-    AnswerabilityPrompt,
     FewShotTask,
     PromptTemplate,
     from_captions,
-    from_vizwiz,
     from_vqa,
 )
 from emu_lightning.progress import progress_bar
@@ -226,13 +222,38 @@ class FewShotEval(ScheduledEval):
             _write_report(folder, results)
         return results
 
+    write_submission = False
+    """Write the submission file also for a split with answers (a split without answers always gets one)."""
+
+    def submission_entry(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """A predicted query's entry in the benchmark's results file, or ``None``: this benchmark writes none
+        (:class:`VQAEval` writes the official VQA format)."""
+        return None
+
     def submission_files(self, task: FewShotTask, stem: str) -> dict[tuple[int, int], str]:
-        """File names of the submission files written per ``(shots, seed)``, under ``<run dir>/eval/``: none here
-        (:class:`VQAEval` writes the official VQA results format)."""
-        return {}
+        """File names of the submission files written per ``(shots, seed)``, under ``<run dir>/eval/``: none for a
+        benchmark without a results format or a scored split without ``write_submission``; ``<stem>-submission.json``
+        for one (shots, seed), else ``<stem>-<k>shot-seed<s>-submission.json``."""
+        if type(self).submission_entry is FewShotEval.submission_entry or (task.scored and not self.write_submission):
+            return {}
+        if not task.scored and len(task.queries) < (self.num_available or 0):
+            rank_zero_warn(f"{self.task_name} submission: {len(task.queries)} of the {self.num_available} questions "
+                           f"are predicted (num_queries: {self.num_queries}); set num_queries: null for a complete "
+                           "submission")  # fmt: skip
+        runs = task.runs()
+        if len(runs) == 1:
+            return {runs[0]: f"{stem}-submission.json"}
+        return {(shots, seed): f"{stem}-{shots}shot-seed{seed}-submission.json" for shots, seed in runs}
 
     def write_submission_file(self, path: Path, records: list[dict[str, Any]]) -> None:
-        raise NotImplementedError
+        """The results file, one :meth:`submission_entry` per record in query order; questions skipped (an image
+        that does not load) are left out, with a warning."""
+        answers = [self.submission_entry(r) for r in records if r["prediction"] is not None]
+        if len(answers) < len(records):
+            rank_zero_warn(f"{path.name}: {len(records) - len(answers)} question(s) skipped (an image does not load) "
+                           "have no answer in the submission")  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace_text(path, json.dumps(answers))
 
 
 class CaptioningEval(FewShotEval):
@@ -282,11 +303,11 @@ class CaptioningEval(FewShotEval):
 class VQAEval(FewShotEval):
     """Zero-/few-shot VQA scored with the official VQA accuracy (x100), from VQAv2-format files.
 
-    OK-VQA shares the format (:class:`OKVQAEval` stems its answers); VizWiz has its own (:class:`VizWizEval`). A
-    split without answers (VQAv2 test-dev: ``annotations_json`` left out) is predicted and not scored, and its answers
-    are written in the official results format, ``[{"question_id": int, "answer": str}, ...]``, to
-    ``<run dir>/eval/vqa-step<N>-submission.json`` (with several shots or seeds, one file per pair:
-    ``vqa-step<N>-<k>shot-seed<s>-submission.json``).
+    OK-VQA shares the format (:class:`~emu_lightning.eval.okvqa.OKVQAEval` stems its answers); VizWiz has its own
+    (:class:`~emu_lightning.eval.vizwiz.VizWizEval`). A split without answers (VQAv2 test-dev: ``annotations_json``
+    left out) is predicted and not scored, and its answers are written in the official results format,
+    ``[{"question_id": int, "answer": str}, ...]``, to ``<run dir>/eval/vqa-step<N>-submission.json`` (with several
+    shots or seeds, one file per pair: ``vqa-step<N>-<k>shot-seed<s>-submission.json``).
 
     Args:
         questions_json: evaluated questions.
@@ -334,166 +355,9 @@ class VQAEval(FewShotEval):
     def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
         return from_vqa(read_vqa(*self.query_files)), from_vqa(read_vqa(*self.support_files))
 
-    def submission_files(self, task: FewShotTask, stem: str) -> dict[tuple[int, int], str]:
-        return _submission_names(self, task, stem)
-
-    def write_submission_file(self, path: Path, records: list[dict[str, Any]]) -> None:
-        """The official VQA results format: ``[{"question_id": int, "answer": str}, ...]`` in question order;
-        questions skipped (an image that does not load) are left out, with a warning."""
-        answers = [{"question_id": int(r["key"]), "answer": r["prediction"]} for r in records
-                   if r["prediction"] is not None]  # fmt: skip
-        if len(answers) < len(records):
-            rank_zero_warn(f"{path.name}: {len(records) - len(answers)} question(s) skipped (an image does not load) "
-                           "have no answer in the submission")  # fmt: skip
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _replace_text(path, json.dumps(answers))
-
-
-class OKVQAEval(VQAEval):
-    """Zero-/few-shot OK-VQA: :class:`VQAEval` on OK-VQA's files, with its answers stemmed as its references are.
-
-    OK-VQA's release is in the VQAv2 format: ``OpenEnded_mscoco_val2014_questions.json`` and
-    ``mscoco_val2014_annotations.json`` over the COCO val2014 images (the defaults' ``COCO_val2014_...jpg``), and the
-    ``train2014`` files for demonstrations. OK-VQA v1.1 stems its reference answers (``raw_answer`` "riding", ``answer``
-    "ride"), so predictions are stemmed too before the VQA accuracy, as OpenFlamingo scores OK-VQA (the paper's
-    comparison point): :func:`~emu_lightning.eval.metrics.postprocess_okvqa_answer`. Scores are logged as
-    ``eval/okvqa_<k>shot``; the arguments are :class:`VQAEval`'s.
-    """
-
-    task_name = "okvqa"
-
-    def task_options(self) -> dict[str, Any]:
-        return {"answer_postprocess": postprocess_okvqa_answer}
-
-
-EMU_I_VIZWIZ_QUERY = (
-    " [USER]: {image} based on the content of the image and common sense, please provide an accurate answer "
-    "consisting of only one word or phrase. {question} [ASSISTANT]: the answer is:"
-)
-"""The answer prompt of Emu-I's released VizWiz evaluation (Emu1 ``mm_eval/datasets/vizwiz.py``), after
-:data:`~emu_lightning.eval.tasks.EMU_I_SYSTEM`."""
-EMU_I_VIZWIZ_ANSWERABILITY = (
-    " [USER]: {image} based on the content of the image and common sense, please provide an accurate answer "
-    "consisting of only one word or phrase. {question}, is the answer known? [ASSISTANT]:"
-)
-"""The released second prompt (its ``answerability_prompt``): the same with ", is the answer known?" after the
-question; a reply of "no." makes the prediction "unanswerable"."""
-EMU_I_VIZWIZ_DEMO = EMU_I_VIZWIZ_QUERY + " {answer}.{end}"
-EMU_I_VIZWIZ_ANSWERABILITY_DEMO = EMU_I_VIZWIZ_ANSWERABILITY + " {known}.{end}"
-"""Demonstrations in Emu-I's form, ours: the released protocol is zero-shot and shows none."""
-
-
-class VizWizEval(FewShotEval):
-    """Zero-/few-shot VizWiz-VQA from its released files, scored with the VQA accuracy (x100) as its official
-    evaluation does.
-
-    Each split is one json list (``val.json``; ``train.json`` for demonstrations; ``test.json`` has no answers) of
-    ``{"image", "question", "answers": [10 x {"answer", "answer_confidence"}], "answerable", "answer_type"}``, read by
-    :func:`~emu_lightning.data.vqa.read_vizwiz` (question ids are positions in the file). An unanswerable question is
-    scored against its 10 answers like any other (mostly "unanswerable": predicting "unanswerable" scores there).
-    Records show the ``image`` file name and the annotators' ``answerable`` beside the usual fields.
-
-    Protocols (``protocol``):
-
-    - ``plain``: one prompt per query, :class:`VQAEval`'s (``question: ... answer:``); the model says
-      "unanswerable" itself or not at all.
-    - ``two_prompt``: Emu-I's released protocol (Emu1 ``mm_eval/datasets/vizwiz.py``): the Emu-I system message, the
-      answer prompt :data:`EMU_I_VIZWIZ_QUERY` and a second prompt asking whether the answer is known,
-      :data:`EMU_I_VIZWIZ_ANSWERABILITY`; when the reply to the second is "no" the prediction is "unanswerable", else
-      the answer to the first. Both replies are in each record (``answer``, ``answerability``, ``answer_known``,
-      ``answerability_prompt``). Decoding defaults to the released beam 5, 1 to 20 new tokens, length penalty -1.
-      Demonstrations, if asked for, are shown in both prompts (:data:`EMU_I_VIZWIZ_DEMO`,
-      :data:`EMU_I_VIZWIZ_ANSWERABILITY_DEMO`; ``known`` is "no" for an unanswerable one).
-
-    A split without answers (``test.json``) is predicted and not scored, and its answers are written in VizWiz's
-    results format, ``[{"image": "VizWiz_test_00000000.jpg", "answer": str}, ...]``, to
-    ``<run dir>/eval/vizwiz-step<N>-submission.json`` (one file per (shots, seed) with several).
-
-    Args:
-        annotations_json: the evaluated split's json (``val.json``, or ``test.json``).
-        image_root: folder of its images.
-        support_annotations_json: the split demonstrations come from (``train.json``).
-        support_image_root: folder of its images.
-        protocol: ``plain`` or ``two_prompt``.
-        answerability_template: the second prompt's query (``two_prompt``; default: the released one).
-        answerability_demo_template: a demonstration of the second prompt (``two_prompt``).
-        prefix: text before each prompt (default: none; ``two_prompt``: the Emu-I system message).
-        demo_template: one demonstration (default: :class:`VQAEval`'s; ``two_prompt``: :data:`EMU_I_VIZWIZ_DEMO`).
-        query_template: the query (default: :class:`VQAEval`'s; ``two_prompt``: :data:`EMU_I_VIZWIZ_QUERY`).
-        generation: ``generate`` options (default: :class:`VQAEval`'s; ``two_prompt``: the released ones).
-        num_answers: answers each entry must have (10; ``None``: any number).
-        write_submission: write the results file also for a split with answers.
-        kwargs: the schedule and prompt options of :class:`FewShotEval`.
-    """
-
-    task_name = "vizwiz"
-    default_demo, default_query = VQAEval.default_demo, VQAEval.default_query
-    default_generation = VQAEval.default_generation
-    PROTOCOLS = ("plain", "two_prompt")
-    EMU_I_GENERATION = {"num_beams": 5, "max_new_tokens": 20, "min_new_tokens": 1, "length_penalty": -1.0}
-
-    def __init__(
-        self,
-        annotations_json: str | None = None,
-        image_root: str | None = None,
-        support_annotations_json: str | None = None,
-        support_image_root: str | None = None,
-        protocol: str = "plain",
-        answerability_template: str | None = None,
-        answerability_demo_template: str | None = None,
-        prefix: str | None = None,
-        demo_template: str | None = None,
-        query_template: str | None = None,
-        generation: dict[str, Any] | None = None,
-        num_answers: int | None = 10,
-        write_submission: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        if protocol not in self.PROTOCOLS:
-            raise ValueError(f"VizWiz protocol {protocol!r} must be one of {list(self.PROTOCOLS)}")
-        two = protocol == "two_prompt"
-        if not two and (answerability_template is not None or answerability_demo_template is not None):
-            raise ValueError("answerability_template and answerability_demo_template need protocol: two_prompt")
-        super().__init__(
-            prefix=(EMU_I_SYSTEM if two else "") if prefix is None else prefix,
-            demo_template=demo_template or (EMU_I_VIZWIZ_DEMO if two else None),
-            query_template=query_template or (EMU_I_VIZWIZ_QUERY if two else None),
-            generation=(self.EMU_I_GENERATION if two else None) if generation is None else generation,
-            **kwargs,
-        )
-        if not self.writes_own_data:
-            _require(self, annotations_json=annotations_json, image_root=image_root,
-                     support_annotations_json=support_annotations_json,
-                     support_image_root=support_image_root)  # fmt: skip
-        self.protocol, self.num_answers, self.write_submission = protocol, num_answers, write_submission
-        self.answerability = None
-        if two:
-            self.answerability = AnswerabilityPrompt(
-                query=answerability_template or EMU_I_VIZWIZ_ANSWERABILITY,
-                demo=answerability_demo_template or EMU_I_VIZWIZ_ANSWERABILITY_DEMO,
-            )
-        self.query_files = (annotations_json, image_root)
-        self.support_files = (support_annotations_json, support_image_root)
-
-    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
-        read = lambda files: from_vizwiz(read_vizwiz(*files, num_answers=self.num_answers))  # noqa: E731
-        return read(self.query_files), read(self.support_files)
-
-    def task_options(self) -> dict[str, Any]:
-        return {"answerability": self.answerability}
-
-    def submission_files(self, task: FewShotTask, stem: str) -> dict[tuple[int, int], str]:
-        return _submission_names(self, task, stem)
-
-    def write_submission_file(self, path: Path, records: list[dict[str, Any]]) -> None:
-        """VizWiz's results format: ``[{"image": str, "answer": str}, ...]`` in file order; questions skipped (an
-        image that does not load) are left out, with a warning."""
-        answers = [{"image": r["image"], "answer": r["prediction"]} for r in records if r["prediction"] is not None]
-        if len(answers) < len(records):
-            rank_zero_warn(f"{path.name}: {len(records) - len(answers)} question(s) skipped (an image does not load) "
-                           "have no answer in the submission")  # fmt: skip
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _replace_text(path, json.dumps(answers))
+    def submission_entry(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The official VQA results format: ``{"question_id": int, "answer": str}``."""
+        return {"question_id": int(record["key"]), "answer": record["prediction"]}
 
 
 class TextToImageEval(ScheduledEval):
@@ -690,22 +554,6 @@ def _require(callback: Any, **given: Any) -> None:
             f"{type(callback).__name__} needs {', '.join(missing)} (your data files); for the built-in toy set use "
             f"emu_lightning.shapesworld.ShapesWorld{type(callback).__name__}"
         )
-
-
-def _submission_names(callback: Any, task: FewShotTask, stem: str) -> dict[tuple[int, int], str]:
-    """The submission files of a VQA callback per ``(shots, seed)``: a split without answers always gets them, one
-    with answers only with ``write_submission``; ``<stem>-submission.json`` for one pair, else
-    ``<stem>-<k>shot-seed<s>-submission.json``."""
-    if task.scored and not callback.write_submission:
-        return {}
-    if not task.scored and len(task.queries) < (callback.num_available or 0):
-        rank_zero_warn(f"{callback.task_name} submission: {len(task.queries)} of the {callback.num_available} "
-                       f"questions are predicted (num_queries: {callback.num_queries}); set num_queries: null for a "
-                       "complete submission")  # fmt: skip
-    runs = task.runs()
-    if len(runs) == 1:
-        return {runs[0]: f"{stem}-submission.json"}
-    return {(shots, seed): f"{stem}-{shots}shot-seed{seed}-submission.json" for shots, seed in runs}
 
 
 def _log(pl_module: Any, name: str, value: float) -> None:

@@ -174,7 +174,7 @@ class FewShotTask:
         batch_size: prompts per ``generate`` call.
         generation: ``generate`` options (beams, lengths, length penalty).
         answer_postprocess: a VQA task's answer post-processing (default :func:`postprocess_vqa_answer`; OK-VQA:
-            :func:`~emu_lightning.eval.metrics.postprocess_okvqa_answer`).
+            :func:`~emu_lightning.eval.okvqa.postprocess_okvqa_answer`).
         answerability: a second prompt per query (:class:`AnswerabilityPrompt`), for a VQA task.
     """
 

@@ -32,13 +32,8 @@ from torch import Tensor
 
 from emu_lightning.data.coco import load_image
 from emu_lightning.data.visdial import VisDialRound
-from emu_lightning.eval.tasks import render
+from emu_lightning.eval.tasks import EMU_I_SYSTEM, render
 
-EMU_I_SYSTEM = (
-    "You will be presented with an image: [IMG]ImageContent[/IMG]. You will be able to see the image after I "
-    "provide it to you. Please answer my questions based on the given image."
-)
-"""The system message of the released Emu-I evaluation (``image_system_msg`` in Emu1 ``mm_eval/__init__.py``)."""
 REDUCTIONS = ("sequence_mean", "sum", "mean")
 
 

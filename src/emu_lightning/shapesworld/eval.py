@@ -15,7 +15,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from emu_lightning.eval.callbacks import CaptioningEval, OKVQAEval, TextToImageEval, VizWizEval, VQAEval
+from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
+from emu_lightning.eval.okvqa import OKVQAEval
+from emu_lightning.eval.vizwiz import VizWizEval
 from emu_lightning.shapesworld.metrics import shapes_attribute_accuracy_batch
 from emu_lightning.shapesworld.owned import write_once
 from emu_lightning.shapesworld.world import ShapesWorld
@@ -120,7 +122,7 @@ class ShapesWorldVQAEval(VQAEval):
 
 
 class ShapesWorldOKVQAEval(ShapesWorldVQAEval, OKVQAEval):
-    """:class:`~emu_lightning.eval.callbacks.OKVQAEval` on ShapesWorld questions written in OK-VQA's files
+    """:class:`~emu_lightning.eval.okvqa.OKVQAEval` on ShapesWorld questions written in OK-VQA's files
     (:func:`~emu_lightning.shapesworld.writers.write_shapesworld_okvqa`: its file names, ``raw_answer`` and stemmed
     ``answer``, COCO-style image names) and read back through the VQAv2 reader, scored with OK-VQA's stemmed answers.
 
@@ -139,7 +141,7 @@ class ShapesWorldOKVQAEval(ShapesWorldVQAEval, OKVQAEval):
 
 
 class ShapesWorldVizWizEval(VizWizEval):
-    """:class:`~emu_lightning.eval.callbacks.VizWizEval` on ShapesWorld questions written in VizWiz's format (one
+    """:class:`~emu_lightning.eval.vizwiz.VizWizEval` on ShapesWorld questions written in VizWiz's format (one
     question per image, :func:`~emu_lightning.shapesworld.writers.write_shapesworld_vizwiz`) and read back through
     the VizWiz reader. About ``unanswerable_share`` of them ask about a shape that is not in the scene (an empty cell,
     or a kind of shape it lacks): their 10 answers are "unanswerable" and ``answerable`` is 0.
@@ -151,7 +153,7 @@ class ShapesWorldVizWizEval(VizWizEval):
     Args:
         support: training questions written for demonstrations.
         unanswerable_share: share of unanswerable questions written, in both splits.
-        kwargs: the protocol, schedule and prompt options of :class:`~emu_lightning.eval.callbacks.VizWizEval`.
+        kwargs: the protocol, schedule and prompt options of :class:`~emu_lightning.eval.vizwiz.VizWizEval`.
     """
 
     writes_own_data = True

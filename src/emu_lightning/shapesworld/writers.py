@@ -410,11 +410,11 @@ def write_shapesworld_okvqa(world: ShapesWorld, root: str | Path, split: str = "
     """Write ShapesWorld questions (:meth:`ShapesWorld.questions`, six per image) in OK-VQA's layout:
     ``{root}/OpenEnded_mscoco_{split}2014_questions.json``, ``{root}/mscoco_{split}2014_annotations.json`` and the
     images as ``{root}/{split}2014/COCO_{split}2014_{image_id:012d}.png``. Each answer has OK-VQA v1.1's
-    ``raw_answer`` and its stemmed ``answer`` (:func:`~emu_lightning.eval.metrics.okvqa_stem`; ShapesWorld's answers
+    ``raw_answer`` and its stemmed ``answer`` (:func:`~emu_lightning.eval.okvqa.okvqa_stem`; ShapesWorld's answers
     stem to themselves). Returns the paths and the ``image_template``, as :meth:`ShapesWorld.write_vqav2` does.
 
     The questions need no outside knowledge: the set tests OK-VQA's files and scoring, not what OK-VQA measures."""
-    from emu_lightning.eval.metrics import okvqa_stem
+    from emu_lightning.eval.okvqa import okvqa_stem
 
     root, subtype = Path(root), f"{split}2014"
     (root / subtype).mkdir(parents=True, exist_ok=True)
