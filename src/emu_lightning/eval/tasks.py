@@ -14,6 +14,10 @@ mean is the reported score. A query split without references (VQAv2 test-dev) is
 VQA tasks (``vqa``, ``okvqa``, ``vizwiz``) share the prompts and the VQA accuracy; a task may post-process answers its
 own way (OK-VQA stems them) and may ask a second question per query (:class:`AnswerabilityPrompt`, the released Emu-I
 VizWiz protocol: when the model says the answer is not known, the prediction is "unanswerable").
+
+Video QA tasks (``msvdqa``, ``msrvttqa``, ``nextqa``) share the question prompts; their "image" is a clip, an
+``(F, 3, S, S)`` tensor that the model sees as F image blocks, loaded by the task's ``loader``, and each has its own
+per-sample score (``sample_score``: top-1 accuracy, or NExT-QA's WUPS).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import functools
 import re
 import statistics
+import zlib
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +44,9 @@ from emu_lightning.sequence import END_OF_CHUNK
 _IMAGE = "\x00"
 _END = "\x01"
 VQA_TASKS = ("vqa", "okvqa", "vizwiz")
-"""Task names scored with the VQA accuracy (prompts with ``question`` and ``answer``); the other is ``captioning``."""
+"""Image question answering: scored with the VQA accuracy by default; prompts with ``question`` and ``answer``."""
+VIDEO_QA_TASKS = ("msvdqa", "msrvttqa", "nextqa")
+"""Video question answering: prompts as :data:`VQA_TASKS`', clips as their media, a ``sample_score`` of their own."""
 EMU_I_SYSTEM = (
     "You will be presented with an image: [IMG]ImageContent[/IMG]. You will be able to see the image after I "
     "provide it to you. Please answer my questions based on the given image."
@@ -50,10 +58,12 @@ EMU_I_SYSTEM = (
 class EvalExample:
     """One evaluated item: an image, optional question text, and its references (captions or answers)."""
 
-    key: int
-    """Unique id of the item (COCO image id for captioning, question id for VQA)."""
-    image_id: int
+    key: int | str
+    """Unique id of the item (COCO image id for captioning, question id for VQA, NExT-QA's ``<video>_<qid>``)."""
+    image_id: int | str
+    """The image (or video) the item is about; RICES shows each at most once."""
     image_path: Path
+    """The image file, or a video file for a video task."""
     references: tuple[str, ...]
     question: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
@@ -94,8 +104,15 @@ def render(template: str, image: Tensor | None, **fields: str) -> list[Any]:
 
 
 def prompt_text(items: Sequence[Any]) -> str:
-    """A prompt's items as one text: images as ``<image>``, the end of an example (EOS) as ``<end>``."""
-    return "".join("<image>" if isinstance(x, Tensor) else "<end>" if x == END_OF_CHUNK else str(x) for x in items)
+    """A prompt's items as one text: images as ``<image>``, a clip of F frames as ``<video:F frames>`` (F image
+    blocks), the end of an example (EOS) as ``<end>``."""
+
+    def text(x: Any) -> str:
+        if isinstance(x, Tensor):
+            return f"<video:{x.shape[0]} frames>" if x.dim() == 4 else "<image>"
+        return "<end>" if x == END_OF_CHUNK else str(x)
+
+    return "".join(text(x) for x in items)
 
 
 @dataclass
@@ -141,19 +158,36 @@ class AnswerabilityPrompt:
 
 
 class ImageCache:
-    """Loads each unique image file once; failed decodes are counted (``skipped``) and return ``None``."""
+    """Loads each unique media file once (an image with :func:`~emu_lightning.data.coco.load_image`, or what
+    ``loader`` returns: a video task's clip); files that fail to load are counted (``skipped``) and return ``None``.
 
-    def __init__(self, image_size: int) -> None:
-        self.image_size = image_size
-        self.images: dict[Path, Tensor | None] = {}
+    With ``max_items``, only that many recently used files stay loaded (clips are large: 8 frames at 224 px are
+    4.8 MB; a real video benchmark has thousands); a file that failed is never loaded again."""
+
+    def __init__(
+        self, image_size: int, loader: Callable[..., Tensor | None] | None = None, max_items: int | None = None
+    ) -> None:
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"max_items {max_items} must be at least 1 (None: keep every file loaded)")
+        self.image_size, self.max_items = image_size, max_items
+        self.loader = functools.partial(loader or load_image, image_size=image_size)
+        self.images: OrderedDict[Path, Tensor] = OrderedDict()
         self.skipped: set[Path] = set()
 
     def __call__(self, path: Path) -> Tensor | None:
-        if path not in self.images:
-            self.images[path] = load_image(path, self.image_size)
-            if self.images[path] is None:
-                self.skipped.add(path)
-        return self.images[path]
+        if path in self.skipped:
+            return None
+        if path in self.images:
+            self.images.move_to_end(path)
+            return self.images[path]
+        media = self.loader(path)
+        if media is None:
+            self.skipped.add(path)
+            return None
+        self.images[path] = media
+        if self.max_items is not None and len(self.images) > self.max_items:
+            self.images.popitem(last=False)
+        return media
 
 
 @dataclass
@@ -168,7 +202,8 @@ class FewShotTask:
         template: demonstration and query templates.
         shots: numbers of demonstrations to evaluate, e.g. ``(0, 4)``.
         seeds: one evaluation per seed; results report the mean and standard deviation.
-        selection: ``random`` or ``rices`` (similar support images by the given ``rices`` selector).
+        selection: ``random`` or ``rices`` (similar support images by the given ``rices`` selector; a clip is compared
+            by its middle frame, :func:`key_frame`).
         zero_shot_text_demos: for ``shots == 0``, demonstrations shown without their images (paper: 2).
         image_size: side the images are resized to.
         batch_size: prompts per ``generate`` call.
@@ -176,6 +211,12 @@ class FewShotTask:
         answer_postprocess: a VQA task's answer post-processing (default :func:`postprocess_vqa_answer`; OK-VQA:
             :func:`~emu_lightning.eval.okvqa.postprocess_okvqa_answer`).
         answerability: a second prompt per query (:class:`AnswerabilityPrompt`), for a VQA task.
+        loader: ``loader(path, image_size=S)`` loads an example's media (default:
+            :func:`~emu_lightning.data.coco.load_image`; a video task's: its clip,
+            :func:`~emu_lightning.data.videoqa.load_clip`); ``None`` for a file that does not load.
+        cache_size: media files kept loaded (``None``: all).
+        sample_score: a question task's per-sample score in [0, 1] from the post-processed prediction and the query
+            (default: the VQA accuracy against its references); the task's score is their mean x100.
     """
 
     name: str
@@ -195,17 +236,25 @@ class FewShotTask:
     """Image encoder for RICES (e.g. ``model.vision``), used when ``selection="rices"`` and no ``rices`` is given."""
     answer_postprocess: Callable[[str], str] | None = None
     answerability: AnswerabilityPrompt | None = None
+    loader: Callable[..., Tensor | None] | None = None
+    cache_size: int | None = None
+    sample_score: Callable[[str, EvalExample], float] | None = None
 
     @property
     def kind(self) -> str:
-        """``captioning`` or ``vqa`` (every task of :data:`VQA_TASKS`)."""
+        """``captioning``, or ``vqa`` for every question task (:data:`VQA_TASKS`, :data:`VIDEO_QA_TASKS`)."""
         return "captioning" if self.name == "captioning" else "vqa"
 
     def __post_init__(self) -> None:
-        if self.name != "captioning" and self.name not in VQA_TASKS:
-            raise ValueError(f"task name {self.name!r} must be 'captioning' or one of {list(VQA_TASKS)}")
-        if self.kind == "captioning" and (self.answer_postprocess is not None or self.answerability is not None):
-            raise ValueError("answer_postprocess and answerability are for VQA tasks, not captioning")
+        if self.name != "captioning" and self.name not in VQA_TASKS + VIDEO_QA_TASKS:
+            raise ValueError(
+                f"task name {self.name!r} must be 'captioning' or one of {list(VQA_TASKS + VIDEO_QA_TASKS)}"
+            )
+        asks = (self.answer_postprocess, self.answerability, self.sample_score)
+        if self.kind == "captioning" and any(x is not None for x in asks):
+            raise ValueError(
+                "answer_postprocess, answerability and sample_score are for question tasks, not captioning"
+            )
         if self.selection not in ("random", "rices"):
             raise ValueError(f"selection {self.selection!r} must be 'random' or 'rices'")
         if self.selection == "rices" and self.rices is None and self.rices_encoder is None:
@@ -238,7 +287,7 @@ class FewShotTask:
             if bare is not None:
                 raise ValueError(f"support example {bare} has no references to show as a demonstration's "
                                  f"{'caption' if self.kind == 'captioning' else 'answer'}")  # fmt: skip
-        self.images = ImageCache(self.image_size)
+        self.images = ImageCache(self.image_size, self.loader, self.cache_size)
         if self.selection == "rices" and self.rices is None:
             from emu_lightning.eval.rices import RICES
 
@@ -255,8 +304,8 @@ class FewShotTask:
             return []
         if self.selection == "rices":
             image = self.images(self.queries[query_index].image_path)
-            return [] if image is None else self.rices.find_for_images(image[None], k)[0].tolist()
-        rng = np.random.default_rng([seed, self.queries[query_index].key])
+            return [] if image is None else self.rices.find_for_images(key_frame(image)[None], k)[0].tolist()
+        rng = np.random.default_rng([seed, _seed_of(self.queries[query_index].key)])
         return rng.choice(len(self.support), size=k, replace=False).tolist()
 
     def _fields(self, example: EvalExample, answer: bool) -> dict[str, str]:
@@ -371,7 +420,8 @@ class FewShotTask:
 
     def score_samples(self, predictions: dict[int, str]) -> tuple[float, dict[int, float]]:
         """The score and each prediction's: CIDEr-D x100 and each image's CIDEr-D x100 (captioning; the corpus score
-        is the mean of the per-image ones), or the mean VQA accuracy x100 and each answer's accuracy x100."""
+        is the mean of the per-image ones), or the mean x100 of each answer's :attr:`sample_score` (default: VQA
+        accuracy) and each answer's x100."""
         if not self.scored:
             raise ValueError(f"the {self.name} queries have no references: nothing to score")
         refs = {q.key: list(q.references) for q in self.queries if q.key in predictions}
@@ -383,8 +433,27 @@ class FewShotTask:
         if self.kind == "captioning":
             result = cider_score(predictions, refs)
             return result.score, result.per_image
-        per_sample = {k: 100.0 * vqa_accuracy(predictions[k], refs[k]) for k in predictions}
+        if self.sample_score is None:
+            per_sample = {k: 100.0 * vqa_accuracy(predictions[k], refs[k]) for k in predictions}
+        else:
+            query = {q.key: q for q in self.queries}
+            per_sample = {k: 100.0 * float(self.sample_score(predictions[k], query[k])) for k in predictions}
         return statistics.fmean(per_sample.values()), per_sample
+
+    def constant_baseline(self, candidates: int = 10) -> dict[str, Any] | None:
+        """The chance level to read a score against: the best score of one prediction given to every query, among
+        the ``candidates`` most common references of the queries (captioning: three captions) -- what a model that
+        ignores the image and the question reaches at best (VQAv2's "prior" baseline, picked with the answers).
+        ``{"prediction", "score"}``; ``None`` for a split without references. Computed once."""
+        if not self.scored:
+            return None
+        if getattr(self, "_baseline", None) is None:
+            counts = Counter(r for q in self.queries for r in dict.fromkeys(q.references))
+            common = [text for text, _ in counts.most_common(3 if self.kind == "captioning" else candidates)]
+            scored = [(self.score({q.key: text for q in self.queries}), text) for text in common]
+            score, text = max(scored, key=lambda pair: pair[0])
+            self._baseline = {"prediction": text, "score": score}
+        return self._baseline
 
     def score(self, predictions: dict[int, str]) -> float:
         """CIDEr x100 (captioning) or mean VQA accuracy x100 over the predicted queries."""
@@ -399,7 +468,8 @@ class FewShotTask:
         on_samples: Callable[[int, int, list[dict[str, Any]]], None] | None = None,
     ) -> dict[str, Any]:
         """Run every (shots, seed) pair of :meth:`runs`; returns per number of shots the ``mean`` and ``std`` over
-        seeds, ``per_seed`` (the score of each seed, in the order of ``seeds``), ``seeds`` and ``num_evaluated``.
+        seeds, ``per_seed`` (the score of each seed, in the order of ``seeds``), ``seeds`` and ``num_evaluated``, and
+        ``chance``, the best constant prediction's score (:meth:`constant_baseline`).
 
         Each pair records one sample per query, in query order: ``shots``, ``seed``, ``key`` (the query id),
         ``image_id``, the query's ``extra`` fields (VizWiz: ``image``, ``answerable``, ``answer_type``), ``question``
@@ -463,6 +533,7 @@ class FewShotTask:
                                "question": r.get("question", ""), "prediction": r["prediction"],
                                "references": r["references"][:3], "score": r["score"]} for r in shown]  # fmt: skip
         results["skipped_images"] = len(self.images.skipped)
+        results["chance"] = self.constant_baseline()
         if on_samples is None:
             results["records"] = kept
         return results
@@ -498,7 +569,18 @@ class _SupportImages:
         image = self.task.images(example.image_path)
         if image is None:
             raise ValueError(f"support image {str(example.image_path)!r} does not load")
-        return {"image_id": example.image_id, "image": image}
+        return {"image_id": example.image_id, "image": key_frame(image)}
+
+
+def key_frame(media: Tensor) -> Tensor:
+    """What RICES compares of an example's media: an image itself, a clip's middle frame (frame ``F // 2``)."""
+    return media[media.shape[0] // 2] if media.dim() == 4 else media
+
+
+def _seed_of(key: int | str) -> int:
+    """A query key as a seed for its demonstrations: an int itself, a text key its CRC-32 (stable across runs and
+    processes, unlike ``hash``)."""
+    return key if isinstance(key, int) else zlib.crc32(str(key).encode())
 
 
 def _majority(answers: Sequence[str]) -> str:
