@@ -8,7 +8,8 @@
 Prints held-out images' generated captions beside their references, the held-out cross-entropy before
 and after training, the share of held-out captions that name exactly the right coloured shapes, and the
 zero- and few-shot scores of the config's evaluation callbacks (CIDEr and VQA accuracy on held-out
-ShapesWorld) before and after training. Writes the same figures to ``<run dir>/demo.json``; the
+ShapesWorld; with ``configs/eval/shapesworld-benchmarks.yaml`` all eight benchmarks of the paper's table) before and
+after training, each beside its chance level. Writes the same figures to ``<run dir>/demo.json``; the
 callbacks write their own reports to ``<run dir>/eval/``. The decoder stage shows text-to-image scores and a
 grid of generated images; the instruct stage shows the assistant's held-out VQA score before and after
 instruction tuning (the same prompt), a few held-out conversations, and saves the LoRA adapters alone.
@@ -28,6 +29,7 @@ from emu_lightning.callbacks import FinalCheckpoint
 from emu_lightning.cli import cli
 from emu_lightning.data.modules import EmuDataModule
 from emu_lightning.eval.callbacks import FewShotEval, TextToImageEval, run_dir
+from emu_lightning.eval.visdial_callback import VisDialEval
 from emu_lightning.model import EmuModel
 from emu_lightning.shapesworld import ShapesWorld, find_world
 
@@ -85,13 +87,46 @@ def few_shot_scores(trainer: Any, model: EmuModel) -> dict[str, float]:
 
     A callback that already evaluated at this step (the validation at the end of training) is not rerun.
     """
-    scores: dict[str, float] = {}
+    return {name: row["score"] for name, row in benchmark_scores(trainer, model).items() if row["shots"] is not None}
+
+
+VISDIAL_SHOWN = {"ndcg": "NDCG", "mrr": "MRR", "r@1": "R@1"}
+"""The VisDial metrics the demo shows (x100), with their names."""
+
+
+def benchmark_scores(trainer: Any, model: EmuModel) -> dict[str, dict[str, Any]]:
+    """Every evaluation callback's headline scores at the current step, each with what it is and its chance level:
+    ``{"<task> <k>-shot": {"task", "shots", "metric", "score", "chance"}}`` for the few-shot tasks (chance: the best
+    constant answer, :meth:`~emu_lightning.eval.tasks.FewShotTask.constant_baseline`) and ``{"visdial <metric>":
+    ...}`` for VisDial (chance: a random ranking of the options; x100 like the paper's NDCG). A callback that already
+    evaluated at this step (the validation at the end of training) is not rerun."""
+    rows: dict[str, dict[str, Any]] = {}
     for callback in trainer.callbacks:
-        if not isinstance(callback, FewShotEval):
-            continue
-        for shots, r in callback.results_now(trainer, model)["shots"].items():
-            scores[f"{callback.task_name} {shots}-shot"] = r["mean"]
-    return scores
+        if isinstance(callback, FewShotEval):
+            results = callback.results_now(trainer, model)
+            chance = (results.get("chance") or {}).get("score")
+            for shots, r in results["shots"].items():
+                rows[f"{callback.task_name} {shots}-shot"] = {"task": callback.task_name, "shots": shots,
+                                                              "metric": callback.metric, "score": r["mean"],
+                                                              "chance": chance}  # fmt: skip
+        elif isinstance(callback, VisDialEval):
+            results = callback.results_now(trainer, model)
+            for key, label in VISDIAL_SHOWN.items():
+                if results["metrics"][key] is not None:
+                    rows[f"visdial {key}"] = {"task": "visdial", "shots": None, "metric": label,
+                                              "score": 100 * results["metrics"][key],
+                                              "chance": 100 * results["chance"][key]}  # fmt: skip
+    return rows
+
+
+def print_benchmarks(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> None:
+    """The table of :func:`benchmark_scores` before and after training, with the chance level beside each."""
+    print(f"{'task':<10} {'shots':>5} {'metric':<16} {'before':>8} {'after':>8} {'chance':>8}")
+    for name, row in after.items():
+        shots = "" if row["shots"] is None else str(row["shots"])
+        was = before.get(name, {}).get("score")
+        cells = [f"{v:>8.1f}" if v is not None else f"{'-':>8}" for v in (was, row["score"], row["chance"])]
+        print(f"{row['task']:<10} {shots:>5} {row['metric']:<16} {' '.join(cells)}")
 
 
 def training_extent(trainer: Any, train_seconds: float) -> dict[str, Any]:
@@ -260,12 +295,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
 
-    if any(isinstance(c, FewShotEval) for c in trainer.callbacks):
-        print("few-shot evaluation of the untrained model ...", flush=True)
+    if any(isinstance(c, (FewShotEval, VisDialEval)) for c in trainer.callbacks):
+        print("evaluation of the untrained model ...", flush=True)
     # fit attaches the datamodule too; the callbacks write their held-out sets from its ShapesWorld
     trainer.datamodule = dm
     start = time.perf_counter()
-    scores_before = few_shot_scores(trainer, model)
+    scores_before = benchmark_scores(trainer, model)
     eval_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -273,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
 
     after = heldout_losses(model, dm)
-    scores_after = few_shot_scores(trainer, model)
+    scores_after = benchmark_scores(trainer, model)
     accuracy, rows = caption_accuracy(model, dm, args.num_eval)
     extent = training_extent(trainer, train_seconds)
     print(f"\nheld-out captions after {trainer.global_step} steps ({train_seconds:.0f} s of training):")
@@ -291,8 +326,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "caption_accuracy": round(accuracy, 4),
         "caption_exact_match": round(sum(r["exact"] for r in rows) / max(len(rows), 1), 4),
         "num_eval": len(rows),
-        "few_shot_before": {k: round(v, 2) for k, v in scores_before.items()},
-        "few_shot_after": {k: round(v, 2) for k, v in scores_after.items()},
+        "few_shot_before": {k: round(r["score"], 2) for k, r in scores_before.items()},
+        "few_shot_after": {k: round(r["score"], 2) for k, r in scores_after.items()},
+        "chance": {k: None if r["chance"] is None else round(r["chance"], 2) for k, r in scores_after.items()},
         "few_shot_eval_seconds": round(eval_seconds, 1),
     }
     print(f"\nheld-out cross-entropy: {before['ce']:.3f} before -> {after['ce']:.3f} after training")
@@ -301,13 +337,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"captions equal to one of the five references (sizes and positions too): {results['caption_exact_match']:.1%}"
     )
     if scores_after:
-        metric = {"captioning": "CIDEr", "vqa": "VQA accuracy"}
-        print(f"\nheld-out few-shot evaluation (reports in {run_dir(trainer) / 'eval'}):")
-        print(f"{'':<28} {'before':>8} {'after':>8}")
-        for name, value in scores_after.items():
-            task, shots = name.split(" ")
-            label = f"{metric.get(task, task)} {shots}"
-            print(f"{label:<28} {scores_before.get(name, float('nan')):>8.1f} {value:>8.1f}")
+        print(f"\nheld-out evaluation on ShapesWorld (reports and every prediction in {run_dir(trainer) / 'eval'}); "
+              "chance: the best constant answer (VisDial: a random ranking)")  # fmt: skip
+        print_benchmarks(scores_before, scores_after)
     save_run(trainer, results, {"samples": rows[: args.show]})
     return results
 

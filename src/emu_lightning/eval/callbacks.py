@@ -116,6 +116,8 @@ class FewShotEval(ScheduledEval):
     default_demo = "{image}{caption}{end}"
     default_query = "{image}"
     default_generation: dict[str, Any] = {}
+    metric = "score"
+    """What the logged score is (``CIDEr``, ``VQA accuracy``, ...), for tables."""
 
     def __init__(
         self,
@@ -270,6 +272,7 @@ class CaptioningEval(FewShotEval):
     """
 
     task_name = "captioning"
+    metric = "CIDEr"
     # The paper's decoding for captions: beam 5, at most 20 new tokens, at least 8, length penalty -1.
     default_generation = {"num_beams": 5, "max_new_tokens": 20, "min_new_tokens": 8, "length_penalty": -1.0}
 
@@ -325,6 +328,7 @@ class VQAEval(FewShotEval):
     """
 
     task_name = "vqa"
+    metric = "VQA accuracy"
     default_demo = "{image}question: {question} answer: {answer}.{end}"
     default_query = "{image}question: {question} answer:"
     default_generation = {"num_beams": 5, "max_new_tokens": 10, "length_penalty": -1.0}

@@ -69,6 +69,7 @@ class VideoQAEval(FewShotEval):
 
     default_demo, default_query = VQAEval.default_demo, VQAEval.default_query
     default_generation = VQAEval.default_generation
+    metric = "top-1 accuracy"
 
     def __init__(self, num_frames: int = 8, cache_size: int = 256, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -215,6 +216,7 @@ class NExTQAEval(VideoQAEval):
         self.query_files = (csv, video_root, map_json, extra_answers_json)
         self.support_files = (support_csv, support_video_root or video_root, support_map_json or map_json, None)
         self.wordnet_dir, self.threshold = wordnet, threshold
+        self.metric = f"WUPS@{threshold}"
         self.wordnet: Any = None
 
     def read(self, csv: str, video_root: str, map_json: str | None, extra: str | None) -> list[VideoQAExample]:

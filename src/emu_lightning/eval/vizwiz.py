@@ -72,6 +72,7 @@ class VizWizEval(FewShotEval):
     """
 
     task_name = "vizwiz"
+    metric = VQAEval.metric
     default_demo, default_query = VQAEval.default_demo, VQAEval.default_query
     default_generation = VQAEval.default_generation
     PROTOCOLS = ("plain", "two_prompt")
