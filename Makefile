@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo-decoder demo-instruct chat setup demo test test-slow lint format bench clean ablate-resampler
+.PHONY: demo-decoder demo-instruct demo-benchmarks chat setup demo test test-slow lint format bench clean ablate-resampler
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ demo-instruct: $(STAMP)
 	@test -f runs/tiny-decoder/final.ckpt || { echo "no runs/tiny-decoder/final.ckpt: run 'make demo-decoder' first"; exit 1; }
 	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/decoder.yaml \
 		--config configs/stages/instruct.yaml $(DEMO_ARGS)
+
+# The paper's eight benchmarks on ShapesWorld (captioning, VQAv2, OK-VQA, VizWiz, VisDial, MSVD-QA, MSRVTT-QA, NExT-QA),
+# each written in its real format: the demo's training, with every score before and after beside its chance level.
+demo-benchmarks: $(STAMP)
+	$(BIN)/python -m emu_lightning.demo --config configs/tiny.yaml --config configs/stages/pretrain.yaml \
+		--config configs/eval/shapesworld-benchmarks.yaml $(DEMO_ARGS)
 
 # The resampler ablation on the demo's budget (2,000 steps a run, no time cap), 2 seeds: 8 runs, about 1.5 hours on
 # 2 CPU cores. Resumable: run it again after an interruption; finished runs are skipped. Report: runs/ablate/resampler/.

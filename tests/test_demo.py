@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -32,6 +33,44 @@ def test_demo_runs_and_the_loss_falls(tmp_path, capsys):
     # run again with the same folder: stopped at once, the first run's final weights kept, unless --overwrite
     with pytest.raises(SystemExit, match="(?s)final.ckpt holds the final weights of another run .step 60.*--overwrite"):
         demo.main([f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2"])
+
+
+def test_benchmarks_demo_prints_all_eight_benchmarks_with_chance_levels(tmp_path, capsys):
+    """make demo-benchmarks, on a tiny budget: every benchmark's score before and after, its chance level beside it."""
+    results = demo.main(
+        [
+            "--config", "configs/tiny.yaml", "--config", "configs/eval/shapesworld-benchmarks.yaml",
+            "--eval", "{num_queries: 4, shots: [0]}", "--num-eval", "4", "--show", "2",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    tasks = ["captioning", "vqa", "okvqa", "vizwiz", "msvdqa", "msrvttqa", "nextqa"]
+    names = [f"{t} 0-shot" for t in tasks] + ["visdial ndcg", "visdial mrr", "visdial r@1"]
+    assert sorted(results["few_shot_after"]) == sorted(results["chance"]) == sorted(names)
+    assert results["chance"]["visdial r@1"] == 1.0  # a random ranking of 100 options
+    assert all(0.0 <= v <= 100.0 for k, v in results["chance"].items() if k != "captioning 0-shot")
+    table = out[out.index("held-out evaluation on ShapesWorld") :]
+    for task, metric in [("msvdqa", "top-1 accuracy"), ("nextqa", "WUPS@0.0"), ("visdial", "NDCG"),
+                         ("vizwiz", "VQA accuracy"), ("captioning", "CIDEr")]:  # fmt: skip
+        assert re.search(rf"^{task} .*{re.escape(metric)} .*\d+\.\d +\d+\.\d +\d+\.\d$", table, re.M), task
+    assert "chance" in table.splitlines()[1]
+
+
+@pytest.mark.slow
+def test_benchmarks_demo_is_above_chance_after_training(tmp_path):
+    """make demo-benchmarks in full: after the demo's 5 minutes of training the tiny Emu is clearly above chance (the
+    best constant answer; VisDial: a random ranking) on every benchmark."""
+    results = demo.main(
+        [
+            "--config", "configs/tiny.yaml", "--config", "configs/stages/pretrain.yaml",
+            "--config", "configs/eval/shapesworld-benchmarks.yaml",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+        ]
+    )  # fmt: skip
+    for name, score in results["few_shot_after"].items():
+        assert score > results["chance"][name] + 5, name
 
 
 @pytest.mark.slow

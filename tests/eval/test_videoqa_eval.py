@@ -214,3 +214,50 @@ def test_a_real_model_generates_from_clips_and_rices_uses_the_middle_frame(msrvt
     with pytest.raises(ValueError, match="task name 'videoqa' must be"):
         FewShotTask("videoqa", queries, support)
     assert EvalExample("a_1", "a", Path("x"), ("y",)).key == "a_1"
+
+
+def test_shapesworld_video_qa_callbacks_in_a_tiny_fit_and_validate(tmp_path):
+    """The ShapesWorld analogues write their clips in each benchmark's layout into the run folder, read them back
+    through the real readers, log their scores during fit and evaluate again under validate."""
+    import lightning as L
+
+    from emu_lightning.shapesworld import (
+        ShapesWorldDataModule,
+        ShapesWorldMSRVTTQAEval,
+        ShapesWorldMSVDQAEval,
+        ShapesWorldNExTQAEval,
+    )
+
+    options = dict(shots=[0, 1], num_queries=6, support=3, generation={"max_new_tokens": 2, "num_beams": 1},
+                   strict=True)  # fmt: skip
+    callbacks = [ShapesWorldMSVDQAEval(**options), ShapesWorldMSRVTTQAEval(**options),
+                 ShapesWorldNExTQAEval(**options)]  # fmt: skip
+    model = make_model(max_length=256)
+    dm = ShapesWorldDataModule(image_size=16, batch_size=4, val_size=4, train_size=32)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=1, val_check_interval=2, callbacks=callbacks,
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False)  # fmt: skip
+    trainer.fit(model, dm)
+    logs = next(tmp_path.rglob("metrics.csv")).read_text()
+    for key in ("eval/msvdqa_0shot", "eval/msrvttqa_1shot", "eval/nextqa_0shot"):
+        assert key in logs
+    run = next((tmp_path / "lightning_logs").glob("version_*"))
+    data = run / "eval_data"
+    assert (data / "msvdqa/youtube_mapping.txt").is_file() and list((data / "msvdqa/YouTubeClips").glob("*.avi"))
+    assert (data / "msrvttqa/test_qa.json").is_file() and list((data / "msrvttqa/videos").glob("video*.mp4"))
+    assert (data / "nextqa/val.csv").is_file() and (data / "nextqa/map_vid_vidorID.json").is_file()
+    assert (data / "shapesworld-wordnet/data.noun").is_file()
+    for callback in callbacks:
+        (result,) = callback.history
+        assert result["num_queries"] == 6 and result["skipped_images"] == 0
+        assert 0.0 <= result["chance"]["score"] <= 100.0
+        rows = [json.loads(line) for line in (run / f"eval/{callback.task_name}-step0000002-predictions.jsonl").open()]
+        assert len(rows) == 12 and all(r["prompt"].startswith("<video:8 frames>question: ") for r in rows)
+        for shots in (0, 1):
+            mean = statistics.fmean(r["score"] for r in rows if r["shots"] == shots)
+            assert mean == pytest.approx(result["shots"][shots]["mean"])
+    assert {r["question_type"] for r in rows} <= {"TC", "DC", "DB"}  # NExT-QA's types
+    trainer.validate(model, dm)
+    assert [len(c.history) for c in callbacks] == [2, 2, 2]
+    with pytest.raises(ValueError, match=r"writes its own ShapesWorld set; for your files \['qa_json'\] use MSVDQAEval"):
+        ShapesWorldMSVDQAEval(qa_json="test_qa.json")

@@ -26,9 +26,7 @@ from emu_lightning.eval.wups import (
     wups,
     wups_scores,
 )
-
-_HEADER = "  1 This is a tiny hand-made WordNet 3.0-format database for tests.\n  2 Not the Princeton WordNet.\n"
-_LEXNAMES = "00\tadj.all\t3\n01\tadj.pert\t3\n02\tadv.all\t4\n03\tnoun.Tops\t1\n04\tverb.motion\t2\n"
+from emu_lightning.shapesworld.wordnet import write_wordnet_database
 
 # key: (lemmas, hypernym keys, gloss)
 _NOUNS: dict[str, tuple[list[str], list[str], str]] = {
@@ -47,78 +45,8 @@ _VERBS: dict[str, tuple[list[str], list[str], str]] = {
 }
 
 
-def _data_file(synsets: dict[str, tuple[list[str], list[str], str]], pos: str, lexnum: int) -> tuple[str, dict]:
-    """Render data.<pos>; offsets are byte offsets of each line (8-digit fields keep line lengths offset-free)."""
-    hyponyms: dict[str, list[str]] = {k: [] for k in synsets}
-    for key, (_, hypers, _) in synsets.items():
-        for h in hypers:
-            hyponyms[h].append(key)
-
-    def render(key: str, offsets: dict[str, int]) -> str:
-        lemmas, hypers, gloss = synsets[key]
-        ptrs = [("@", h) for h in hypers] + [("~", h) for h in hyponyms[key]]
-        fields = [f"{offsets[key]:08d}", f"{lexnum:02d}", pos, f"{len(lemmas):02x}"]
-        for lemma in lemmas:
-            fields += [lemma, "0"]
-        fields.append(f"{len(ptrs):03d}")
-        for symbol, target in ptrs:
-            fields += [symbol, f"{offsets[target]:08d}", pos, "0000"]
-        if pos == "v":
-            fields += ["01", "+", "02", "00"]
-        return " ".join(fields) + f" | {gloss}\n"
-
-    zero = dict.fromkeys(synsets, 0)
-    offsets, pos_in_file = {}, len(_HEADER.encode())
-    for key in synsets:
-        offsets[key] = pos_in_file
-        pos_in_file += len(render(key, zero).encode())
-    text = _HEADER + "".join(render(key, offsets) for key in synsets)
-    for off in offsets.values():  # self-check: every offset points at its own line
-        assert text.encode()[off : off + 8].decode() == f"{off:08d}"
-    return text, offsets
-
-
-def _index_file(synsets: dict[str, tuple[list[str], list[str], str]], pos: str, offsets: dict[str, int]) -> str:
-    by_lemma: dict[str, list[int]] = {}
-    for key, (lemmas, _, _) in synsets.items():
-        for lemma in lemmas:
-            by_lemma.setdefault(lemma.lower(), []).append(offsets[key])
-    lines = []
-    for lemma in sorted(by_lemma):
-        offs = by_lemma[lemma]
-        ptr_symbols = ["@", "~"]
-        lines.append(
-            " ".join(
-                [lemma, pos, str(len(offs)), str(len(ptr_symbols)), *ptr_symbols, str(len(offs)), "0"]
-                + [f"{o:08d}" for o in offs]
-            )
-            + "  \n"
-        )
-    return _HEADER + "".join(lines)
-
-
 def write_tiny_wordnet(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    noun_data, noun_offsets = _data_file(_NOUNS, "n", 3)
-    verb_data, verb_offsets = _data_file(_VERBS, "v", 4)
-    files = {
-        "lexnames": _LEXNAMES,
-        "data.noun": noun_data,
-        "index.noun": _index_file(_NOUNS, "n", noun_offsets),
-        "data.verb": verb_data,
-        "index.verb": _index_file(_VERBS, "v", verb_offsets),
-        "data.adj": _HEADER,
-        "index.adj": _HEADER,
-        "data.adv": _HEADER,
-        "index.adv": _HEADER,
-        "noun.exc": "",
-        "verb.exc": "",
-        "adj.exc": "",
-        "adv.exc": "",
-    }
-    for name, text in files.items():
-        (root / name).write_bytes(text.encode())
-    return root
+    return write_wordnet_database(root, _NOUNS, _VERBS)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The evaluation callbacks on ShapesWorld sets: each writes its set in the real format (COCO Karpathy, VQAv2, OK-VQA,
-VizWiz) into the run folder and evaluates it through the same readers as real files; text-to-image adds the attribute
+VizWiz, MSVD-QA, MSRVTT-QA, NExT-QA) into the run folder and evaluates it through the same readers as real files; text-to-image adds the attribute
 accuracy.
 
 The world is the training data's (:func:`find_world`), so held-out scenes come from the same distribution and
@@ -17,9 +17,16 @@ import torch
 
 from emu_lightning.eval.callbacks import CaptioningEval, TextToImageEval, VQAEval
 from emu_lightning.eval.okvqa import OKVQAEval
+from emu_lightning.eval.videoqa import MSRVTTQAEval, MSVDQAEval, NExTQAEval
 from emu_lightning.eval.vizwiz import VizWizEval
 from emu_lightning.shapesworld.metrics import shapes_attribute_accuracy_batch
 from emu_lightning.shapesworld.owned import write_once
+from emu_lightning.shapesworld.videoqa import (
+    write_shapesworld_msrvtt_qa,
+    write_shapesworld_msvd_qa,
+    write_shapesworld_nextqa,
+)
+from emu_lightning.shapesworld.wordnet import write_shapesworld_wordnet
 from emu_lightning.shapesworld.world import ShapesWorld
 from emu_lightning.shapesworld.writers import (
     UNANSWERABLE_SHARE,
@@ -54,7 +61,7 @@ def _no_files(callback: Any, kwargs: dict[str, Any], names: tuple[str, ...]) -> 
     """A ShapesWorld evaluation writes its own set: data files given to it would be silently ignored."""
     given = [n for n in names if kwargs.get(n) is not None]
     if given:
-        base = next(c.__name__ for c in type(callback).__mro__[1:] if not c.__name__.startswith("ShapesWorld"))
+        base = next(c.__name__ for c in type(callback).__mro__[1:] if "ShapesWorld" not in c.__name__)
         raise ValueError(f"{type(callback).__name__} writes its own ShapesWorld set; for your files {given} use {base}")
 
 
@@ -174,6 +181,111 @@ class ShapesWorldVizWizEval(VizWizEval):
         self.query_files = (val["annotations"], val["images"])
         self.support_files = (train["annotations"], train["images"])
         return super().examples(trainer, pl_module, root)
+
+
+class _ShapesWorldVideoQA:
+    """What the ShapesWorld video QA callbacks share: clips of moving shapes and their questions
+    (:mod:`emu_lightning.shapesworld.videoqa`) written in the benchmark's layout into the run folder (the evaluated
+    split, ``num_queries`` questions or a few more, and ``support`` training clips for demonstrations), read back
+    through the benchmark's reader and scored as real files are."""
+
+    writes_own_data = True
+    eval_split = "test"
+    file_args: tuple[str, ...] = ()
+    """The data file arguments of the benchmark's callback (a ShapesWorld callback writes its own)."""
+    num_queries: int | None
+
+    def __init__(self, support: int = 20, **kwargs: Any) -> None:
+        _no_files(self, kwargs, self.file_args)
+        super().__init__(**kwargs)
+        self.support = support
+
+    def write(self, world: ShapesWorld, root: Path, split: str, videos: int) -> dict[str, Any]:
+        """Write ``videos`` clips of ``split`` in the benchmark's layout under ``root``; the reader's paths."""
+        raise NotImplementedError
+
+    def files(self, paths: dict[str, Any], support: bool) -> tuple[Any, ...]:
+        """The reader's arguments from :meth:`write`'s paths, in the order of the callback's ``read``."""
+        raise NotImplementedError
+
+    def examples(self, trainer: L.Trainer, pl_module: Any, root: Path) -> tuple[list, list]:
+        world, folder = _world(trainer, pl_module), root / self.task_name
+        # about five questions a clip (ShapesWorld asks at least two): enough clips for num_queries questions
+        sizes = {self.eval_split: (self.num_queries or 100) // 2 + 1, "train": self.support}
+        written = {split: write_once(folder, f"{self.task_name}-{split}", {**vars(world), "videos": n},
+                                     functools.partial(self.write, world, folder, split, n))
+                   for split, n in sizes.items()}  # fmt: skip
+        self.query_files = self.files(written[self.eval_split], support=False)
+        self.support_files = self.files(written["train"], support=True)
+        return super().examples(trainer, pl_module, root)
+
+
+class ShapesWorldMSVDQAEval(_ShapesWorldVideoQA, MSVDQAEval):
+    """:class:`~emu_lightning.eval.videoqa.MSVDQAEval` on ShapesWorld clips written in MSVD-QA's layout (``.avi``
+    clips under ``YouTubeClips`` with YouTube-like names, ``youtube_mapping.txt``, ``test_qa.json``), top-1 accuracy.
+
+    Args:
+        support: training clips written for demonstrations.
+        kwargs: the options of :class:`~emu_lightning.eval.videoqa.VideoQAEval`.
+    """
+
+    file_args = ("qa_json", "video_root", "mapping", "support_qa_json", "support_video_root", "support_mapping")
+
+    def write(self, world: ShapesWorld, root: Path, split: str, videos: int) -> dict[str, Any]:
+        return write_shapesworld_msvd_qa(world, root, split, videos)
+
+    def files(self, paths: dict[str, Any], support: bool) -> tuple[Any, ...]:
+        return paths["qa_json"], paths["video_root"], paths["mapping"]
+
+
+class ShapesWorldMSRVTTQAEval(_ShapesWorldVideoQA, MSRVTTQAEval):
+    """:class:`~emu_lightning.eval.videoqa.MSRVTTQAEval` on ShapesWorld clips written in MSRVTT-QA's layout
+    (``video<N>.mp4``, ``test_qa.json``), top-1 accuracy.
+
+    Args:
+        support: training clips written for demonstrations.
+        kwargs: the options of :class:`~emu_lightning.eval.videoqa.VideoQAEval`.
+    """
+
+    file_args = ("qa_json", "video_root", "support_qa_json", "support_video_root")
+
+    def write(self, world: ShapesWorld, root: Path, split: str, videos: int) -> dict[str, Any]:
+        return write_shapesworld_msrvtt_qa(world, root, split, videos)
+
+    def files(self, paths: dict[str, Any], support: bool) -> tuple[Any, ...]:
+        return paths["qa_json"], paths["video_root"]
+
+
+class ShapesWorldNExTQAEval(_ShapesWorldVideoQA, NExTQAEval):
+    """:class:`~emu_lightning.eval.videoqa.NExTQAEval` on ShapesWorld clips written in NExT-QA open-ended's layout
+    (``NExTVideo/<folder>/<video>.mp4``, ``map_vid_vidorID.json``, ``val.csv``, ``add_reference_answer_val.json``),
+    scored with WUPS. Without ``wordnet``, WUPS reads the ShapesWorld WordNet
+    (:func:`~emu_lightning.shapesworld.wordnet.write_shapesworld_wordnet`, written into the run folder): a small
+    hand-made noun hierarchy of the world's answers (directions, colours, shapes, numbers), so that the score means
+    the same on every machine; ``wordnet`` names a real WordNet 3.0 folder instead.
+
+    Args:
+        support: training clips written for demonstrations.
+        kwargs: the options of :class:`~emu_lightning.eval.videoqa.NExTQAEval` (``wordnet``, ``threshold``, ...).
+    """
+
+    eval_split = "val"
+    file_args = ("csv", "video_root", "map_json", "extra_answers_json", "support_csv", "support_video_root",
+                 "support_map_json")  # fmt: skip
+
+    def write(self, world: ShapesWorld, root: Path, split: str, videos: int) -> dict[str, Any]:
+        return write_shapesworld_nextqa(world, root, split, videos)
+
+    def files(self, paths: dict[str, Any], support: bool) -> tuple[Any, ...]:
+        extra = None if support else paths["extra_answers_json"]
+        return paths["csv_path"], paths["video_root"], paths["map_json"], extra
+
+    def wordnet_path(self, root: Path) -> str | None:
+        if self.wordnet_dir is not None:
+            return self.wordnet_dir
+        folder = root / "shapesworld-wordnet"
+        write_once(folder, "wordnet", {}, functools.partial(write_shapesworld_wordnet, folder))
+        return str(folder)
 
 
 class ShapesWorldTextToImageEval(TextToImageEval):

@@ -192,12 +192,16 @@ class ShapesWorld:
 
     def corpus(self, num_scenes: int = 2000) -> list[str]:
         """Text for training the default tokenizer: captions and VQA questions and answers of training
-        scenes (in the prompt format the VQA examples and evaluation use), plus every word."""
+        scenes (in the prompt format the VQA examples and evaluation use), plus every word, and the video questions
+        of as many clips (:func:`~emu_lightning.shapesworld.videoqa.video_corpus`)."""
         texts = [c for i in range(num_scenes) for c in self.captions(self.scene("train", i))]
         qas = [qa for i in range(num_scenes) for qa in self.questions("train", i)]
         texts += [f"question: {qa.question} answer: {qa.answer}." for qa in qas]
         words = list(COLOURS) + list(SHAPES) + list(SIZES) + [n for names in CELL_NAMES.values() for n in names]
         texts.append(" ".join(words + list(NUMBER_WORDS) + ["yes", "no"]))
+        from emu_lightning.shapesworld.videoqa import video_corpus  # imported here: videoqa imports this module
+
+        texts += video_corpus(self, num_scenes)
         return texts
 
     # ---------------------------------------------------------------- questions
