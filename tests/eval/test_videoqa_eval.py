@@ -259,5 +259,5 @@ def test_shapesworld_video_qa_callbacks_in_a_tiny_fit_and_validate(tmp_path):
     assert {r["question_type"] for r in rows} <= {"TC", "DC", "DB"}  # NExT-QA's types
     trainer.validate(model, dm)
     assert [len(c.history) for c in callbacks] == [2, 2, 2]
-    with pytest.raises(ValueError, match=r"writes its own ShapesWorld set; for your files \['qa_json'\] use MSVDQAEval"):
+    with pytest.raises(ValueError, match=r"its own ShapesWorld set; for your files \['qa_json'\] use MSVDQAEval"):
         ShapesWorldMSVDQAEval(qa_json="test_qa.json")

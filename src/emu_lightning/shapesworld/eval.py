@@ -1,6 +1,6 @@
 """The evaluation callbacks on ShapesWorld sets: each writes its set in the real format (COCO Karpathy, VQAv2, OK-VQA,
-VizWiz, MSVD-QA, MSRVTT-QA, NExT-QA) into the run folder and evaluates it through the same readers as real files; text-to-image adds the attribute
-accuracy.
+VizWiz, MSVD-QA, MSRVTT-QA, NExT-QA) into the run folder and evaluates it through the same readers as real files;
+text-to-image adds the attribute accuracy.
 
 The world is the training data's (:func:`find_world`), so held-out scenes come from the same distribution and
 image size; without ShapesWorld training data, one at the model's image size.
