@@ -261,3 +261,22 @@ def test_shapesworld_video_qa_callbacks_in_a_tiny_fit_and_validate(tmp_path):
     assert [len(c.history) for c in callbacks] == [2, 2, 2]
     with pytest.raises(ValueError, match=r"its own ShapesWorld set; for your files \['qa_json'\] use MSVDQAEval"):
         ShapesWorldMSVDQAEval(qa_json="test_qa.json")
+
+
+def test_video_predictions_do_not_depend_on_how_queries_are_sharded(msrvtt):
+    """Under DDP each rank predicts a strided shard: a question's demonstrations (drawn from its text or int key) and
+    prediction are the same whichever rank predicts it."""
+    from emu_lightning.data.videoqa import load_clip, read_msrvtt_qa
+
+    queries = from_videoqa(read_msrvtt_qa(msrvtt / "test_qa.json", msrvtt / "videos"))
+    queries = [EvalExample(f"v_{q.key}", *list(vars(q).values())[1:]) for q in queries[:2]] + queries[2:]  # text keys
+    support = from_videoqa(read_msrvtt_qa(msrvtt / "train_qa.json", msrvtt / "videos"))
+    template = PromptTemplate(VQAEval.default_demo, VQAEval.default_query)
+    task = FewShotTask("msrvttqa", queries, support, template=template, shots=(2,), image_size=16, batch_size=2,
+                       loader=lambda p, image_size: load_clip(p, 8, image_size))  # fmt: skip
+    model = fake_model(["dog", "cat", "x", "two", "x", "cat", "x", "man"])
+    with pytest.warns(UserWarning, match="skipping video"):
+        whole = task.predict_samples(model, 2, seed=1)
+        shards = [task.predict_samples(model, 2, seed=1, indices=range(rank, len(queries), 2)) for rank in (0, 1)]
+    assert {**shards[0], **shards[1]} == whole and "v_100" in whole
+    assert len({tuple(s["demonstrations"]) for s in whole.values()}) > 1  # drawn per question

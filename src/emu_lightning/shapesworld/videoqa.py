@@ -2,12 +2,12 @@
 video QA benchmarks' real layouts (MSVD-QA, MSRVTT-QA, NExT-QA open-ended) and an in-memory training set.
 
 Each shape of a scene moves in one direction (:data:`~emu_lightning.shapesworld.writers.DIRECTIONS`) at a constant
-speed, ``travel`` cells over the clip. Its start is drawn at random over the whole image, wherever the trajectory
-stays inside it, so where a shape is in one frame says little about where it goes (the start distributions of left
-and right movers overlap; they cannot be equal, as a constant motion shifts one against the other by ``travel``):
-the direction is read by comparing frames. Questions (:func:`video_questions`) ask which way a shape moves, what moves
-a way, and how many; they carry NExT-QA question types (``TC``: temporal/what, scored by WUPS; ``DC`` counts and
-``DB`` yes/no, scored by exact match). Everything is a pure function of the world's seed, the split and the index.
+speed, ``travel`` cells over the clip, on a board that wraps around (a shape leaving one edge comes back at the
+opposite one). Its start is drawn uniformly over the whole board, so where a shape is in one frame says nothing about
+its direction: the direction is read by comparing frames. Questions (:func:`video_questions`) ask which way a shape
+moves, what moves a way, and how many; they carry NExT-QA question types (``TC``: temporal/what, scored by WUPS;
+``DC`` counts and ``DB`` yes/no, scored by exact match). Everything is a pure function of the world's seed, the
+split and the index.
 """
 
 from __future__ import annotations
@@ -43,11 +43,10 @@ CLIP_NAME_STREAM = 34
 """Stream of the synthetic YouTube ids of MSVD clip names."""
 LAYOUT_TRIES = 64
 """Trajectory layouts drawn per clip; the first whose shapes never overlap is kept (else the least overlapping)."""
+TRAVEL = 0.8
+"""Cells a shape moves over a clip: 13 pixels at the tiny model's 32 (two patches of its ViT), so that it can see the
+motion; the board wraps around, so no single frame tells the direction however far shapes move."""
 VIDEO_FRAMES = 16
-TRAVEL = 0.45
-"""Cells a shape moves over a clip: 7 pixels at the tiny model's 32 (a pixel between sampled frames), enough for it
-to see; more would let one frame tell more (a threshold on the first frame's x picks left or right for 67% of the
-shapes at 0.3 cells, 75% at 0.45, 90% at 0.6)."""
 """Frames of a clip (2 s at the writers' 8 fps); the evaluation samples 8 of them at segment centres."""
 _YOUTUBE_ALPHABET = string.ascii_letters + string.digits + "-_"
 
@@ -82,9 +81,11 @@ class VideoQA:
 
 
 # ---------------------------------------------------------------------------------------------------- clips
-def _overlap(centres: np.ndarray, radii: np.ndarray) -> float:
-    """How much the shapes' bounding boxes overlap, summed over frames and pairs (0: never)."""
+def _overlap(centres: np.ndarray, radii: np.ndarray, period: float) -> float:
+    """How much the shapes' bounding boxes overlap on the wrapped-around board (side ``period``), summed over frames
+    and pairs (0: never)."""
     gap = np.abs(centres[:, :, None, :] - centres[:, None, :, :])  # (F, n, n, 2)
+    gap = np.minimum(gap, period - gap)
     depth = np.min((radii[:, None] + radii[None, :])[None, :, :, None] - gap, axis=-1)
     return float(np.triu(np.clip(depth, 0, None), k=1).sum())
 
@@ -95,31 +96,28 @@ def motion_scene(
     """The motion of scene ``index`` (no pixels): each shape's direction and trajectory.
 
     Each shape moves ``travel`` cells (grid cells of the world) along its direction between the first and last frame,
-    from a start drawn uniformly wherever the whole trajectory stays inside the image (across the motion too: the
-    scene's cells give the shapes, not their places). Of :data:`LAYOUT_TRIES` layouts the first where no two shapes'
-    bounding boxes ever overlap is kept, else the least overlapping: a crowded scene (three large shapes on a 2x2
-    board) has no room for all of them, so some of those clips show shapes passing over one another.
+    on a board that wraps around: a shape leaving one edge comes back at the opposite one (drawn on both sides while
+    it crosses). Its start is drawn uniformly over the whole board, so in any one frame every shape is anywhere with
+    the same chance whatever its direction: only comparing frames tells the direction. Of :data:`LAYOUT_TRIES` layouts
+    the first where no two shapes' bounding boxes ever overlap is kept, else the least overlapping.
     """
     if num_frames < 2:
         raise ValueError(f"num_frames {num_frames} must be at least 2: a motion needs two frames")
+    if not 0 < travel < world.grid / 2:
+        raise ValueError(f"travel {travel} must be in (0, {world.grid / 2}) cells: on a board that wraps around, a "
+                         "longer move looks like a shorter one the other way")  # fmt: skip
     scene = world.scene(split, index)
     radii = np.array([SIZE_FRACTION[s.size] / 2 for s in scene.shapes])
-    if not 0 < travel < world.grid - 2 * radii.max():
-        raise ValueError(f"travel {travel} must be in (0, {world.grid - 2 * radii.max():.2f}) cells for this world")
     rng = world.rng(split, index, stream=MOTION_STREAM)
     names = list(DIRECTIONS)
     directions = tuple(names[int(rng.integers(len(names)))] for _ in scene.shapes)
     unit = np.array([DIRECTIONS[d] for d in directions])  # (n, 2)
     progress = np.linspace(0.0, 1.0, num_frames)[:, None, None]
-    # along its motion a shape starts anywhere the trajectory fits (left/up movers travel further in), across it
-    # anywhere it fits: the free position keeps the start uninformative and leaves room to avoid the other shapes
-    low = radii[:, None] + np.where(unit < 0, travel, 0.0)
-    high = world.grid - radii[:, None] - np.where(unit > 0, travel, 0.0)
     best, best_overlap = None, float("inf")
     for _ in range(LAYOUT_TRIES):
-        start = rng.uniform(low, high)
-        centres = start[None] + unit[None] * travel * progress  # (F, n, 2) in cells
-        overlap = _overlap(centres, radii)
+        start = rng.uniform(0.0, world.grid, size=unit.shape)
+        centres = (start[None] + unit[None] * travel * progress) % world.grid  # (F, n, 2) in cells
+        overlap = _overlap(centres, radii, world.grid)
         if overlap < best_overlap:
             best, best_overlap = centres, overlap
         if overlap == 0:
@@ -129,13 +127,16 @@ def motion_scene(
 
 
 def render_motion(world: ShapesWorld, motion: MotionScene, frames: list[int] | None = None) -> Tensor:
-    """The frames (all by default) of ``motion`` as an ``(F, 3, S, S)`` float tensor in [0, 1]."""
+    """The frames (all by default) of ``motion`` as an ``(F, 3, S, S)`` float tensor in [0, 1]; a shape across an edge
+    is drawn on both sides (the board wraps around)."""
     cell = world.image_size / world.grid
     home = np.array([[s.cell % world.grid + 0.5, s.cell // world.grid + 0.5] for s in motion.scene.shapes])
+    copies = [np.array([dx, dy]) * world.grid for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
     out = []
     for k in frames if frames is not None else range(len(motion.centres)):
         image = Image.new("RGB", (world.image_size, world.image_size), BACKGROUND)
-        world.draw(motion.scene, image, motion.centres[k] / cell - home)  # draw takes offsets from the cell centres
+        for shift in copies:  # draw takes offsets from the cell centres; copies off the canvas draw nothing
+            world.draw(motion.scene, image, motion.centres[k] / cell - home + shift)
         out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(out)
 
