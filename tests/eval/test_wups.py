@@ -18,6 +18,7 @@ import pytest
 
 from emu_lightning.eval.wups import (
     REQUIRED_WORDNET_FILES,
+    WORDNET30_LEXNAMES,
     WORDNET_ENV_VAR,
     WordNetNotFoundError,
     load_wordnet,
@@ -167,7 +168,19 @@ def test_missing_file_is_named(tmp_path, monkeypatch):
     (root / "data.noun").write_bytes(data_noun)
     monkeypatch.setenv(WORDNET_ENV_VAR, str(root))
     assert load_wordnet().synsets("dog")[0].name() == "dog.n.01"  # env var is honoured
-    assert "lexnames" in REQUIRED_WORDNET_FILES
+    assert "data.noun" in REQUIRED_WORDNET_FILES
+
+
+def test_a_folder_without_lexnames_loads_as_debians_wordnet_base(tmp_path):
+    """Debian's wordnet-base installs every database file but lexnames (only its manual page): WordNet 3.0's fixed
+    table stands in for it."""
+    root = write_tiny_wordnet(tmp_path / "dict")
+    (root / "lexnames").unlink()
+    wn = load_wordnet(root)
+    assert wn.synsets("dog")[0].lexname() == "noun.Tops"  # lexicographer file 03 of WordNet 3.0's table
+    assert wup("dog", "cat", 0.0, wn) == pytest.approx(0.8)
+    lines = WORDNET30_LEXNAMES.splitlines()
+    assert len(lines) == 45 and lines[29] == "29\tverb.body\t2" and lines[44] == "44\tadj.ppl\t3"
 
 
 @pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").is_file(), reason="system WordNet 3.0 not installed")

@@ -34,12 +34,15 @@ WordNet is read with ``nltk.corpus.reader.wordnet.WordNetCorpusReader(root, None
 from a folder of WordNet 3.0 database files; nltk's reader opens ``lexnames``, ``index.{noun,verb,adj,adv}``,
 ``data.{noun,verb,adj,adv}`` (``data.adj`` at construction, the others lazily) and ``{noun,verb,adj,adv}.exc``;
 ``index.sense`` and ``cntlist.rev`` are only needed for sense keys / lemma counts, which WUPS does not use.
-Debian/Ubuntu's ``wordnet-base`` package installs this layout in ``/usr/share/wordnet``. The folder is appended to
+Debian/Ubuntu's ``wordnet-base`` package installs this layout in ``/usr/share/wordnet``, all but ``lexnames`` (shipped
+only as its manual page, lexnames(5WN)): that file is the same in every WordNet 3.0, and :data:`WORDNET30_LEXNAMES`
+stands in for it when a folder lacks it. The folder is appended to
 ``nltk.data.path`` (nltk >= 3.9.3 refuses corpus reads outside those roots).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -54,6 +57,7 @@ __all__ = [
     "DEFAULT_WORDNET_DIR",
     "NEXTQA_STOPWORDS",
     "REQUIRED_WORDNET_FILES",
+    "WORDNET30_LEXNAMES",
     "WORDNET_ENV_VAR",
     "WordNetNotFoundError",
     "WupsResult",
@@ -67,12 +71,26 @@ __all__ = [
 WORDNET_ENV_VAR = "EMU_WORDNET_DIR"
 DEFAULT_WORDNET_DIR = Path("/usr/share/wordnet")
 _POS_SUFFIXES = ("noun", "verb", "adj", "adv")
-#: Files nltk's ``WordNetCorpusReader`` opens for synset lookups and similarities.
+#: Files nltk's ``WordNetCorpusReader`` opens for synset lookups and similarities (and ``lexnames``, which WordNet 3.0
+#: fixes: :data:`WORDNET30_LEXNAMES` stands in for it when a folder lacks it, as Debian's ``wordnet-base`` does).
 REQUIRED_WORDNET_FILES: tuple[str, ...] = (
-    "lexnames",
     *(f"index.{s}" for s in _POS_SUFFIXES),
     *(f"data.{s}" for s in _POS_SUFFIXES),
     *(f"{s}.exc" for s in _POS_SUFFIXES),
+)
+_LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
+    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object "
+    "noun.person noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
+    "noun.state noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition "
+    "verb.consumption verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
+    "verb.social verb.stative verb.weather adj.ppl"
+).split()
+_LEXNAME_POS = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+#: WordNet 3.0's ``lexnames`` file (lexnames(5WN): the 45 lexicographer files, ``<number>\t<name>\t<pos>``), the same
+#: in every copy of WordNet 3.0; Debian's ``wordnet-base`` ships it only as that manual page.
+WORDNET30_LEXNAMES = "".join(
+    f"{i:02d}\t{name}\t{_LEXNAME_POS[name.split('.')[0]]}\n" for i, name in enumerate(_LEXNAMES)
 )
 
 _INSTALL_HINT = (
@@ -115,6 +133,13 @@ class _LocalWordNetReader(WordNetCorpusReader):
 
     def map_wn(self, version: str = "wordnet"):
         return None
+
+    def open(self, file: str):
+        """The folder's file; WordNet 3.0's fixed ``lexnames`` (:data:`WORDNET30_LEXNAMES`) when the folder lacks it
+        (Debian's ``wordnet-base`` installs every other file, not that one)."""
+        if file == "lexnames" and not (Path(self.root.path) / file).is_file():
+            return io.StringIO(WORDNET30_LEXNAMES)
+        return super().open(file)
 
 
 class WordNetNotFoundError(FileNotFoundError):
