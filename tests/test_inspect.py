@@ -246,7 +246,7 @@ def test_tiny_defaults_come_from_the_config(capsys):
     assert memory["precision"] == "32-true"  # tiny.yaml sets none: Lightning's default
     assert memory["devices"] == 1  # trainer.devices
     assert memory["seq_lens"] == [192]  # model.max_length
-    assert memory["batch"] == memory["images"] == 5 + 3 + 1 + 1 + 1  # the mixture's batch_sizes
+    assert memory["batch"] == memory["images"] == 5 + 3 + 1 + 1 + 1 + 4  # the mixture's batch_sizes
     assert memory["checkpointed_as_configured"] == [] and checkpointed["memory"]["checkpointed_as_configured"] == [
         "llm"
     ]

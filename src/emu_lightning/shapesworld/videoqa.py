@@ -90,6 +90,17 @@ def _overlap(centres: np.ndarray, radii: np.ndarray, period: float) -> float:
     return float(np.triu(np.clip(depth, 0, None), k=1).sum())
 
 
+def _draw_directions(rng: np.random.Generator, n: int) -> tuple[str, ...]:
+    """The first draws of a clip's motion stream: each shape's direction."""
+    names = list(DIRECTIONS)
+    return tuple(names[int(rng.integers(len(names)))] for _ in range(n))
+
+
+def motion_directions(world: ShapesWorld, split: str, index: int) -> tuple[str, ...]:
+    """Each shape's direction in clip ``index`` (those of :func:`motion_scene`, without laying out the paths)."""
+    return _draw_directions(world.rng(split, index, stream=MOTION_STREAM), len(world.scene(split, index).shapes))
+
+
 def motion_scene(
     world: ShapesWorld, split: str, index: int, num_frames: int = VIDEO_FRAMES, travel: float = TRAVEL
 ) -> MotionScene:
@@ -109,8 +120,7 @@ def motion_scene(
     scene = world.scene(split, index)
     radii = np.array([SIZE_FRACTION[s.size] / 2 for s in scene.shapes])
     rng = world.rng(split, index, stream=MOTION_STREAM)
-    names = list(DIRECTIONS)
-    directions = tuple(names[int(rng.integers(len(names)))] for _ in scene.shapes)
+    directions = _draw_directions(rng, len(scene.shapes))
     unit = np.array([DIRECTIONS[d] for d in directions])  # (n, 2)
     progress = np.linspace(0.0, 1.0, num_frames)[:, None, None]
     best, best_overlap = None, float("inf")
@@ -179,10 +189,10 @@ def video_questions(world: ShapesWorld, split: str, index: int) -> list[VideoQA]
     * ``DC`` "how many shapes move down?" -> "1" (half the time a direction some shape moves, else any: "0" too);
     * ``DB`` "does the red circle move left?" -> "yes" / "no" (half the time about its true direction).
     """
-    motion = motion_scene(world, split, index)
-    directions = motion.directions
+    scene, directions = world.scene(split, index), motion_directions(world, split, index)
+    motion = MotionScene(scene, directions, np.zeros((0, len(directions), 2)))  # who moves where; no paths needed
     rng = world.rng(split, index, stream=VIDEO_QA_STREAM)
-    names = _unique_names(motion.scene)
+    names = _unique_names(scene)
     single = [d for d in DIRECTIONS if len(motion.movers(d)) == 1]
     asked: list[tuple[str, str, str, tuple[str, ...]]] = []
     if names:
