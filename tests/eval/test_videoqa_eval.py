@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,15 +13,13 @@ import pytest
 import torch
 from conftest import make_model
 from lightning.pytorch.trainer.states import TrainerFn
+from test_wups import write_tiny_wordnet
 
 from emu_lightning.data.webvid import write_mp4
 from emu_lightning.eval.callbacks import VQAEval
 from emu_lightning.eval.tasks import EvalExample, FewShotTask, ImageCache, PromptTemplate, prompt_text
 from emu_lightning.eval.videoqa import MSRVTTQAEval, MSVDQAEval, NExTQAEval, from_videoqa, top1_accuracy
 from emu_lightning.eval.wups import WordNetNotFoundError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_wups import write_tiny_wordnet  # noqa: E402
 
 
 def stub_trainer(root):

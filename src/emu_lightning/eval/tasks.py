@@ -288,6 +288,7 @@ class FewShotTask:
                 raise ValueError(f"support example {bare} has no references to show as a demonstration's "
                                  f"{'caption' if self.kind == 'captioning' else 'answer'}")  # fmt: skip
         self.images = ImageCache(self.image_size, self.loader, self.cache_size)
+        self._baseline: dict[str, Any] | None = None
         if self.selection == "rices" and self.rices is None:
             from emu_lightning.eval.rices import RICES
 
@@ -447,7 +448,7 @@ class FewShotTask:
         ``{"prediction", "score"}``; ``None`` for a split without references. Computed once."""
         if not self.scored:
             return None
-        if getattr(self, "_baseline", None) is None:
+        if self._baseline is None:
             counts = Counter(r for q in self.queries for r in dict.fromkeys(q.references))
             common = [text for text, _ in counts.most_common(3 if self.kind == "captioning" else candidates)]
             scored = [(self.score({q.key: text for q in self.queries}), text) for text in common]

@@ -13,6 +13,7 @@ split and the index.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import string
 from collections import Counter
@@ -63,7 +64,11 @@ class MotionScene:
 
     def movers(self, direction: str) -> list[Shape]:
         """The shapes that move ``direction``."""
-        return [s for s, d in zip(self.scene.shapes, self.directions) if d == direction]
+        return _movers(self.scene, self.directions, direction)
+
+
+def _movers(scene: Scene, directions: tuple[str, ...], direction: str) -> list[Shape]:
+    return [s for s, d in zip(scene.shapes, directions) if d == direction]
 
 
 @dataclass(frozen=True)
@@ -189,11 +194,11 @@ def video_questions(world: ShapesWorld, split: str, index: int) -> list[VideoQA]
     * ``DC`` "how many shapes move down?" -> "1" (half the time a direction some shape moves, else any: "0" too);
     * ``DB`` "does the red circle move left?" -> "yes" / "no" (half the time about its true direction).
     """
-    scene, directions = world.scene(split, index), motion_directions(world, split, index)
-    motion = MotionScene(scene, directions, np.zeros((0, len(directions), 2)))  # who moves where; no paths needed
+    scene, directions = world.scene(split, index), motion_directions(world, split, index)  # who moves where: no paths
+    movers = functools.partial(_movers, scene, directions)
     rng = world.rng(split, index, stream=VIDEO_QA_STREAM)
     names = _unique_names(scene)
-    single = [d for d in DIRECTIONS if len(motion.movers(d)) == 1]
+    single = [d for d in DIRECTIONS if len(movers(d)) == 1]
     asked: list[tuple[str, str, str, tuple[str, ...]]] = []
     if names:
         i = list(names)[int(rng.integers(len(names)))]
@@ -202,12 +207,12 @@ def video_questions(world: ShapesWorld, split: str, index: int) -> list[VideoQA]
         )
     if single:
         d = single[int(rng.integers(len(single)))]
-        asked.append((f"what colour is the shape that moves {d}?", motion.movers(d)[0].colour, "TC", ()))
+        asked.append((f"what colour is the shape that moves {d}?", movers(d)[0].colour, "TC", ()))
         d = single[int(rng.integers(len(single)))]
-        asked.append((f"what shape moves {d}?", motion.movers(d)[0].shape, "TC", ()))
+        asked.append((f"what shape moves {d}?", movers(d)[0].shape, "TC", ()))
     pool = sorted(set(directions), key=list(DIRECTIONS).index) if rng.random() < 0.5 else list(DIRECTIONS)
     d = pool[int(rng.integers(len(pool)))]  # half the time a way some shape moves, else "0" would dominate
-    asked.append((f"how many shapes move {d}?", str(len(motion.movers(d))), "DC", ()))
+    asked.append((f"how many shapes move {d}?", str(len(movers(d))), "DC", ()))
     if names:
         i = list(names)[int(rng.integers(len(names)))]
         others = [o for o in DIRECTIONS if o != directions[i]]
